@@ -1,0 +1,231 @@
+"""The Flask app: /setup, /predict, /webhook, /health (+ /metrics, /versions, /is_training).
+
+It replaces label-studio-ml's own app (``label_studio_ml.api``) because that one drops
+training jobs while one is queued, ignores START_TRAINING and keeps its state in module
+globals.  Everything here lives on the app object created by :func:`create_app`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .labelconfig import LabelConfigError, parse_label_config
+from .ls_client import LabelStudioClient
+from .model import NoiseRobustImageClassifier, parse_project_id
+from .queue import QueueUnavailable, RQTrainingQueue, ThreadTrainingQueue, make_redis
+from .settings import Settings
+from .store import ProjectStore, ResultsCache
+from .training import config_fingerprint, run_training_job
+
+logger = logging.getLogger(__name__)
+
+#: webhook actions that (may) change the labels a model should learn from
+TRAIN_EVENTS = frozenset({
+    "ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "ANNOTATIONS_DELETED",
+    "ANNOTATIONS_CREATED", "START_TRAINING", "PROJECT_UPDATED",
+})
+
+
+def _error(status: int, message: str):
+    return jsonify({"status": "error", "error": message}), status
+
+
+def make_training_queue(settings: Settings):
+    """rq on redis when ALR_USE_REDIS (default), else the in-process thread fallback."""
+    if not settings.use_redis:
+        return ThreadTrainingQueue(lambda p, reason: run_training_job(p, settings=settings, reason=reason))
+    return RQTrainingQueue(make_redis(settings), settings.rq_queue_name, job_timeout=settings.job_timeout)
+
+
+def create_app(settings: Settings | None = None, *, training_queue=None) -> Flask:
+    """Build the app (reads the environment now when ``settings`` is None)."""
+    settings = settings or Settings.from_env()
+    app = Flask("ml_backend")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    queue = training_queue if training_queue is not None else make_training_queue(settings)
+    results_cache = ResultsCache(settings.model_dir)
+    models: dict[tuple[int | None, str], NoiseRobustImageClassifier] = {}
+    models_lock = threading.Lock()
+    app.extensions["alr"] = {"settings": settings, "queue": queue, "results": results_cache}
+    logger.info("ML backend ready: model_dir=%s, training queue=%s, Label Studio=%s",
+                settings.model_dir, queue.kind, settings.label_studio_url)
+
+    def get_model(project, label_config, **kwargs) -> NoiseRobustImageClassifier:
+        key = (parse_project_id(project), label_config or "")
+        with models_lock:
+            model = models.get(key)
+        if model is None:
+            model = NoiseRobustImageClassifier(label_config=label_config, project=project, settings=settings,
+                                               results_cache=results_cache, **kwargs)
+            with models_lock:
+                models[key] = model
+        return model
+
+    def body() -> dict:
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise _BadRequest("request body must be a JSON object")
+        return data
+
+    @app.errorhandler(_BadRequest)
+    def bad_request(exc):
+        return _error(400, str(exc))
+
+    @app.errorhandler(LabelConfigError)
+    def bad_config(exc):
+        return _error(400, f"unsupported labelling config: {exc}")
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        return _error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc):
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        return _error(500, f"{type(exc).__name__}: {exc}")
+
+    @app.route("/setup", methods=["POST"])
+    def setup():
+        data = body()
+        schema = data.get("schema") or data.get("label_config")
+        model = get_model(data.get("project"), schema, hostname=data.get("hostname") or "",
+                          access_token=data.get("access_token") or "")
+        return jsonify({"model_version": model.model_version})
+
+    @app.route("/predict", methods=["POST"])
+    def predict():
+        data = body()
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+            raise _BadRequest("'tasks' must be a list of task objects")
+        label_config = data.get("label_config")
+        if not label_config:
+            raise _BadRequest("'label_config' is missing")
+        project = data.get("project")
+        if project is None and tasks:
+            project = tasks[0].get("project")
+        model = get_model(project, label_config)
+        t0 = time.perf_counter()
+        results = model.predict(tasks, **(data.get("params") or {}))
+        logger.debug("/predict: %d tasks in %.1f ms", len(tasks), 1000 * (time.perf_counter() - t0))
+        return jsonify({"results": results, "model_version": model.model_version})
+
+    @app.route("/webhook", methods=["POST"])
+    def webhook():
+        data = body()
+        action = data.get("action")
+        if not isinstance(action, str) or not action:
+            raise _BadRequest("webhook payload has no 'action'")
+        if action not in TRAIN_EVENTS:
+            return jsonify({"status": "ignored", "action": action}), 200
+        project_id = parse_project_id(data.get("project"))
+        if project_id is None and isinstance(data.get("annotation"), dict):
+            project_id = parse_project_id(data["annotation"].get("project"))
+        if project_id is None:
+            raise _BadRequest(f"{action}: payload has no project id")
+        skip = _skip_reason(action, data, project_id, settings)
+        if skip:
+            return jsonify({"status": "ignored", "action": action, "reason": skip}), 200
+        try:
+            job = queue.request_training(project_id, action)
+        except QueueUnavailable as exc:
+            logger.error("webhook %s for project %d NOT queued: %s", action, project_id, exc)
+            return _error(503, f"training queue unavailable: {exc}")
+        logger.info("webhook %s for project %d -> %s job %s", action, project_id,
+                    "coalesced into" if job["coalesced"] else "new", job["job_id"])
+        return jsonify({"status": "queued", "action": action, **job}), 201
+
+    @app.route("/train", methods=["POST"])
+    def train():   # deprecated in Label Studio >= 1.4.1; kept as a manual trigger
+        data = body()
+        project_id = parse_project_id(data.get("project"))
+        if project_id is None:
+            raise _BadRequest("'project' is missing")
+        try:
+            job = queue.request_training(project_id, "TRAIN")
+        except QueueUnavailable as exc:
+            return _error(503, f"training queue unavailable: {exc}")
+        return jsonify({"status": "queued", **job}), 201
+
+    @app.route("/health", methods=["GET"])
+    @app.route("/", methods=["GET"])
+    def health():
+        queue_status = queue.status()
+        ls = {"url": settings.label_studio_url, "reachable": None}
+        if settings.label_studio_url:
+            ls["reachable"] = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key,
+                                                timeout=2).health()
+        served = {}
+        if os.path.isdir(settings.model_dir):
+            for name in sorted(os.listdir(settings.model_dir)):
+                if name.startswith("project-"):
+                    pid = parse_project_id(name.split("-", 1)[1])
+                    if pid is not None:
+                        served[str(pid)] = ProjectStore(settings.model_dir, pid).current_version()
+        ok = queue_status.get("redis") is not False and queue_status.get("workers", 0) > 0
+        # Label Studio only needs 200 + status UP to connect; the details say what is missing
+        return jsonify({"status": "UP", "model_class": NoiseRobustImageClassifier.__name__,
+                        "training_ready": bool(ok), "queue": queue_status, "label_studio": ls,
+                        "model_versions": served})
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics():
+        return jsonify({})
+
+    @app.route("/versions", methods=["POST"])
+    def versions():
+        data = body()
+        project_id = parse_project_id(data.get("project"))
+        if project_id is None:
+            raise _BadRequest("'project' is missing")
+        store = ProjectStore(settings.model_dir, project_id)
+        return jsonify({"versions": store.list_versions(), "current": store.current_version()})
+
+    @app.route("/is_training", methods=["GET"])
+    def is_training():
+        project_id = parse_project_id(request.args.get("project"))
+        if project_id is None:
+            raise _BadRequest("query parameter 'project' is missing")
+        try:
+            st = queue.project_status(project_id)
+        except Exception as exc:       # redis down: say so instead of crashing
+            return _error(503, f"training queue unavailable: {type(exc).__name__}")
+        return jsonify({"is_training": st["running"], **st})
+
+    return app
+
+
+class _BadRequest(ValueError):
+    pass
+
+
+def _skip_reason(action: str, data: dict, project_id: int, settings: Settings) -> str | None:
+    """Why a training event needs no job, or None.
+
+    * a skipped task (ANNOTATION_CREATED with was_cancelled) changes no label;
+    * PROJECT_UPDATED is sent for every project change, including the backend's own
+      PATCH of model_version after each training: it trains only when no version exists
+      yet or the labelling config (classes, names) differs from the current version's.
+    """
+    annotation = data.get("annotation")
+    if action == "ANNOTATION_CREATED" and isinstance(annotation, dict) and annotation.get("was_cancelled"):
+        return "skipped task (was_cancelled): no label changed"
+    if action == "PROJECT_UPDATED":
+        store = ProjectStore(settings.model_dir, project_id)
+        current = store.current_version()
+        if current is None:
+            return None
+        project = data.get("project") if isinstance(data.get("project"), dict) else {}
+        try:
+            fingerprint = config_fingerprint(parse_label_config(project.get("label_config")))
+        except LabelConfigError:
+            return "labelling config not supported"
+        if fingerprint == store.load_meta(current).get("config_fingerprint"):
+            return "labelling config unchanged since the current model version"
+    return None

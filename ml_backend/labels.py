@@ -1,0 +1,114 @@
+"""Where the noisy and the trusted label of a task come from.
+
+The rule (documented in ml_backend/README.md and tested in tests/test_backend_labels.py):
+
+* Skipped annotations (``was_cancelled`` true) and annotations with no choice of this
+  project's Choices control (or a choice that is not in the config) are ignored.
+  "Usable annotations" below means the others, ordered by (created_at, id).
+* Label source ``data`` (default): the noisy label is ``task.data[<ALR_LABEL_FIELD>]``
+  (matched as a string against the config's class names). EVERY usable annotation was
+  made by an annotator in Label Studio, so the task is TRUSTED and its trusted label is
+  the one of the most recently updated usable annotation (updated_at, then id).
+* Label source ``annotation``: the noisy label is the FIRST usable annotation (the
+  imported one). Any later usable annotation makes the task trusted; the most recently
+  updated of those later annotations wins.
+* A trusted label overrides the noisy label; trusted tasks are never discarded by the
+  noise-robust selection (the engine's ``trusted_mask``).
+* A task with neither a usable noisy nor a trusted label is not trained on; it is still
+  scored (forward pass) and gets a prediction.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+from .labelconfig import LabelConfigInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskLabels:
+    task_id: int
+    noisy: int | None         # class index of the noisy (given) label, None if absent/invalid
+    trusted: int | None       # class index of the annotators' label, None if not trusted
+    invalid_labels: tuple[str, ...] = ()   # label values not in the config (logged once)
+
+    @property
+    def label(self) -> int | None:
+        """The label used for training: trusted overrides noisy."""
+        return self.trusted if self.trusted is not None else self.noisy
+
+    @property
+    def is_trusted(self) -> bool:
+        return self.trusted is not None
+
+
+def _annotation_choice(annotation: dict, info: LabelConfigInfo) -> tuple[int | None, str | None]:
+    """(class index, raw value) of the annotation's choice for our control."""
+    for region in annotation.get("result") or []:
+        if not isinstance(region, dict):
+            continue
+        if region.get("from_name") != info.from_name or region.get("type", "choices") != "choices":
+            continue
+        choices = (region.get("value") or {}).get("choices") or []
+        if choices:
+            raw = str(choices[0])
+            return info.index_of(raw), raw
+    return None, None
+
+
+def _order_key(annotation: dict, field: str) -> tuple:
+    return (str(annotation.get(field) or annotation.get("created_at") or ""), annotation.get("id") or 0)
+
+
+def extract_task_labels(task: dict, info: LabelConfigInfo, *, label_source: str = "data",
+                        label_field: str = "label") -> TaskLabels:
+    """Noisy and trusted label of one task (the rule is in the module docstring)."""
+    invalid: list[str] = []
+    usable: list[tuple[dict, int]] = []
+    for annotation in task.get("annotations") or []:
+        if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
+            continue
+        idx, raw = _annotation_choice(annotation, info)
+        if idx is None:
+            if raw is not None:
+                invalid.append(raw)
+            continue
+        usable.append((annotation, idx))
+    usable.sort(key=lambda pair: _order_key(pair[0], "created_at"))
+
+    if label_source == "data":
+        raw = (task.get("data") or {}).get(label_field)
+        noisy = info.index_of(raw)
+        if noisy is None and raw not in (None, ""):
+            invalid.append(str(raw))
+        trusted_pool = usable
+    elif label_source == "annotation":
+        noisy = usable[0][1] if usable else None
+        trusted_pool = usable[1:]
+    else:
+        raise ValueError(f"label_source must be 'data' or 'annotation', got {label_source!r}")
+
+    trusted = None
+    if trusted_pool:
+        trusted = max(trusted_pool, key=lambda pair: _order_key(pair[0], "updated_at"))[1]
+    return TaskLabels(task_id=int(task["id"]), noisy=noisy, trusted=trusted,
+                      invalid_labels=tuple(invalid))
+
+
+def extract_labels(tasks: Iterable[dict], info: LabelConfigInfo, *, label_source: str = "data",
+                   label_field: str = "label") -> list[TaskLabels]:
+    """:func:`extract_task_labels` for every task; logs labels that are not in the config."""
+    out = []
+    bad: dict[str, int] = {}
+    for task in tasks:
+        tl = extract_task_labels(task, info, label_source=label_source, label_field=label_field)
+        for raw in tl.invalid_labels:
+            bad[raw] = bad.get(raw, 0) + 1
+        out.append(tl)
+    if bad:
+        logger.warning("labels not in the labelling config were ignored: %s (classes: %s)",
+                       dict(sorted(bad.items())[:20]), list(info.class_names))
+    return out

@@ -1,0 +1,215 @@
+"""A small Label Studio API client (plain requests) for the training job and /health.
+
+Two kinds of LABEL_STUDIO_API_KEY are accepted:
+
+* a personal access token (PAT): a JWT refresh token.  It is exchanged at
+  ``POST /api/token/refresh/`` for a short-lived access token sent as ``Bearer``; on a
+  401 the exchange is repeated once.
+* a legacy token (40 hex characters), sent as ``Authorization: Token <key>``.  Label
+  Studio 1.23.2 refuses these unless legacy tokens are enabled for the organisation.
+
+The kind is guessed from the key's shape (a JWT has three dot-separated parts); when the
+guess is refused with 401 the other kind is tried once.  The key is never logged: errors
+name the URL and the status only.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterator
+from urllib.parse import urljoin, urlparse
+
+import requests
+
+logger = logging.getLogger(__name__)
+
+
+class LabelStudioError(RuntimeError):
+    """A Label Studio API call failed (the message has the method, path and status)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class LabelStudioAuthError(LabelStudioError):
+    """The API key was refused (401/403) in both its legacy and its PAT form."""
+
+
+def _looks_like_jwt(key: str) -> bool:
+    parts = key.split(".")
+    return len(parts) == 3 and all(parts) and key.startswith("ey")
+
+
+class LabelStudioClient:
+    """Talks to one Label Studio instance with one API key.
+
+    Parameters
+    ----------
+    url : the Label Studio base URL, e.g. ``http://127.0.0.1:8080``.
+    api_key : a legacy token or a personal access token.
+    timeout : seconds per request.
+    """
+
+    def __init__(self, url: str, api_key: str, *, timeout: float = 30.0,
+                 session: requests.Session | None = None):
+        if not url:
+            raise ValueError("LABEL_STUDIO_URL is empty")
+        self.url = url.rstrip("/")
+        self._key = api_key or ""
+        self.timeout = timeout
+        self.session = session or requests.Session()
+        self._mode = "pat" if _looks_like_jwt(self._key) else "legacy"
+        self._access: str | None = None
+
+    def __repr__(self) -> str:  # never show the key
+        return f"LabelStudioClient(url={self.url!r}, auth={self._mode})"
+
+    # -- authentication ---------------------------------------------------------------
+    def _refresh_access(self) -> None:
+        r = self.session.post(f"{self.url}/api/token/refresh/", json={"refresh": self._key},
+                              timeout=self.timeout)
+        if r.status_code != 200:
+            raise LabelStudioAuthError(
+                f"exchanging the personal access token at /api/token/refresh/ failed: "
+                f"HTTP {r.status_code}", r.status_code)
+        self._access = r.json()["access"]
+
+    def auth_headers(self) -> dict[str, str]:
+        if not self._key:
+            raise LabelStudioAuthError("LABEL_STUDIO_API_KEY is not set")
+        if self._mode == "pat":
+            if self._access is None:
+                self._refresh_access()
+            return {"Authorization": f"Bearer {self._access}"}
+        return {"Authorization": f"Token {self._key}"}
+
+    def request(self, method: str, path_or_url: str, *, raw: bool = False, **kwargs):
+        """One API call with authentication; returns JSON (or the Response when ``raw``)."""
+        url = path_or_url if path_or_url.startswith(("http://", "https://")) \
+            else f"{self.url}{path_or_url}"
+        kwargs.setdefault("timeout", self.timeout)
+        tried_other = False
+        refreshed = False
+        while True:
+            try:
+                headers = {**kwargs.pop("headers", {}), **self.auth_headers()}
+            except LabelStudioAuthError:
+                if self._mode == "pat" and not tried_other:
+                    tried_other, self._mode = True, "legacy"
+                    continue
+                raise
+            try:
+                r = self.session.request(method, url, headers=headers, **kwargs)
+            except requests.RequestException as exc:
+                raise LabelStudioError(f"{method} {_path(url)}: {type(exc).__name__}") from None
+            if r.status_code == 401:
+                if self._mode == "pat" and not refreshed and self._access is not None:
+                    refreshed, self._access = True, None      # access token expired
+                    continue
+                if not tried_other:
+                    tried_other = True
+                    self._mode = "legacy" if self._mode == "pat" else "pat"
+                    self._access = None
+                    continue
+                raise LabelStudioAuthError(
+                    f"{method} {_path(url)}: HTTP 401, LABEL_STUDIO_API_KEY was refused "
+                    "(neither a valid personal access token nor an enabled legacy token)", 401)
+            if r.status_code >= 400:
+                raise LabelStudioError(
+                    f"{method} {_path(url)}: HTTP {r.status_code} {r.text[:300]}", r.status_code)
+            if raw:
+                return r
+            return r.json() if r.content else None
+
+    # -- API --------------------------------------------------------------------------
+    def health(self) -> bool:
+        try:
+            return self.session.get(f"{self.url}/health", timeout=min(self.timeout, 3)).ok
+        except requests.RequestException:
+            return False
+
+    def whoami(self) -> dict:
+        return self.request("GET", "/api/current-user/whoami")
+
+    def get_project(self, project_id: int) -> dict:
+        return self.request("GET", f"/api/projects/{int(project_id)}")
+
+    def patch_project(self, project_id: int, **fields) -> dict:
+        return self.request("PATCH", f"/api/projects/{int(project_id)}", json=fields)
+
+    def iter_tasks(self, project_id: int, *, page_size: int = 200) -> Iterator[dict]:
+        """All tasks of a project with their annotations (and predictions), page by page."""
+        page = 1
+        while True:
+            try:
+                body = self.request("GET", "/api/tasks", params={
+                    "project": int(project_id), "page": page, "page_size": page_size,
+                    "fields": "all", "resolve_uri": "false"})
+            except LabelStudioError as exc:
+                if exc.status == 404 and page > 1:   # past the last page
+                    return
+                raise
+            tasks = body.get("tasks", []) if isinstance(body, dict) else body
+            yield from tasks
+            total = body.get("total") if isinstance(body, dict) else None
+            if not tasks or len(tasks) < page_size or (total is not None and page * page_size >= total):
+                return
+            page += 1
+
+    def import_predictions(self, project_id: int, predictions: list[dict], *,
+                           batch_size: int = 500) -> int:
+        """Create predictions in bulk (POST /api/projects/{id}/import/predictions), batched.
+
+        Each batch is retried 3 times with backoff on connection errors / 5xx.
+        Returns the number created.
+        """
+        created = 0
+        for start in range(0, len(predictions), batch_size):
+            batch = predictions[start:start + batch_size]
+            for attempt in range(3):
+                try:
+                    body = self.request("POST", f"/api/projects/{int(project_id)}/import/predictions",
+                                        json=batch, timeout=max(self.timeout, 120))
+                    break
+                except LabelStudioError as exc:
+                    if isinstance(exc, LabelStudioAuthError) or (exc.status and exc.status < 500) \
+                            or attempt == 2:
+                        raise
+                    time.sleep(1.0 * (attempt + 1))
+            created += int((body or {}).get("created", len(batch)))
+        return created
+
+    def download(self, url: str, *, max_bytes: int = 64 * 1024 * 1024) -> bytes:
+        """Fetch a task's file: relative /data/... paths and this instance's URLs with the
+        API key, other http(s) URLs without it."""
+        absolute = url if url.startswith(("http://", "https://")) else urljoin(self.url + "/", url.lstrip("/"))
+        parsed = urlparse(absolute)
+        if parsed.path.startswith(("/data/upload/", "/data/local-files")):
+            # served by Label Studio whatever host name it put in the URL (--host may be a
+            # public name while LABEL_STUDIO_URL is the internal one)
+            absolute = f"{self.url}{_path(absolute)}"
+        same_host = urlparse(absolute).netloc == urlparse(self.url).netloc
+        if same_host:
+            r = self.request("GET", absolute, raw=True, stream=True)
+        elif parsed.scheme not in ("http", "https"):
+            raise LabelStudioError(f"unsupported image URL scheme: {url[:80]!r}")
+        else:
+            try:
+                r = self.session.get(absolute, timeout=self.timeout, stream=True)
+            except requests.RequestException as exc:
+                raise LabelStudioError(f"GET {absolute}: {type(exc).__name__}") from None
+            if r.status_code >= 400:
+                raise LabelStudioError(f"GET {absolute}: HTTP {r.status_code}", r.status_code)
+        chunks, size = [], 0
+        for chunk in r.iter_content(65536):
+            size += len(chunk)
+            if size > max_bytes:
+                raise LabelStudioError(f"GET {_path(absolute)}: file larger than {max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _path(url: str) -> str:
+    p = urlparse(url)
+    return p.path + (f"?{p.query}" if p.query else "")

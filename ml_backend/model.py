@@ -1,0 +1,149 @@
+"""The model class Label Studio talks to (label-studio-ml 1.0.9 API).
+
+``predict`` answers from the current model version's cached per-task results (written by
+the training job, loaded once per version); tasks the model has never seen are scored by a
+forward pass (``engine.score_images``) and remembered for that version.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+from label_studio_ml.model import LabelStudioMLBase
+
+from .images import ImageCache, ImageError
+from .labelconfig import parse_label_config
+from .labels import extract_task_labels
+from .ls_client import LabelStudioClient
+from .settings import Settings
+from .store import ResultsCache
+from .training import build_records, load_engine, prediction_for, run_training_job
+
+logger = logging.getLogger(__name__)
+
+UNTRAINED_VERSION = "alr-untrained"
+
+
+def parse_project_id(project) -> int | None:
+    """Project id from Label Studio's '<id>.<created epoch>' string, an int or {'id': ...}."""
+    if isinstance(project, dict):
+        project = project.get("id")
+    if project is None or isinstance(project, bool):
+        return None
+    try:
+        return int(str(project).split(".")[0])
+    except ValueError:
+        return None
+
+
+class NoiseRobustImageClassifier(LabelStudioMLBase):
+    """Suggests a label per image and ranks tasks for review (lower score = review sooner).
+
+    Parameters
+    ----------
+    label_config : the project's labelling config (one Image + one single-choice Choices);
+        a LabelConfigError (ValueError) is raised for anything else.
+    project : Label Studio's project string ('<id>.<epoch>') or id.
+    settings : backend settings (default: Settings.from_env()).
+    results_cache : shared per-app cache of version results.
+    """
+
+    def __init__(self, label_config=None, train_output=None, *, project=None,
+                 settings: Settings | None = None, results_cache: ResultsCache | None = None,
+                 **kwargs):
+        super().__init__(label_config=label_config, train_output=train_output, **kwargs)
+        self.settings = settings or Settings.from_env()
+        self.info = parse_label_config(label_config)
+        self.project_id = parse_project_id(project)
+        self.results_cache = results_cache or ResultsCache(self.settings.model_dir)
+        self._unseen_lock = threading.Lock()
+        self._unseen: dict[tuple[str, int], dict] = {}   # (version, task id) -> record
+
+    @property
+    def model_version(self) -> str:
+        if self.project_id is None:
+            return UNTRAINED_VERSION
+        results = self.results_cache.get(self.project_id)
+        return results.version if results else UNTRAINED_VERSION
+
+    # -- prediction -------------------------------------------------------------------
+    def predict(self, tasks, **kwargs) -> list[dict]:
+        """One prediction per task, in order (Label Studio drops an answer of another length)."""
+        tasks = list(tasks or [])
+        results = self.results_cache.get(self.project_id) if self.project_id is not None else None
+        if results is None:
+            return [{"result": [], "model_version": UNTRAINED_VERSION} for _ in tasks]
+        version = results.version
+        records: list[dict | None] = []
+        unseen: list[tuple[int, dict]] = []
+        for pos, task in enumerate(tasks):
+            tid = task.get("id") if isinstance(task, dict) else None
+            rec = results.items.get(int(tid)) if isinstance(tid, int) else None
+            if rec is None and isinstance(tid, int):
+                with self._unseen_lock:
+                    rec = self._unseen.get((version, tid))
+            if rec is None and isinstance(task, dict):
+                unseen.append((pos, task))
+            records.append(rec)
+        if unseen:
+            scored = self._score_unseen([t for _, t in unseen], results)
+            for (pos, task), rec in zip(unseen, scored):
+                records[pos] = rec
+        out = []
+        for rec in records:
+            if rec is None:
+                out.append({"result": [], "model_version": version})
+            else:
+                out.append(prediction_for(rec, self.info, version))
+        return out
+
+    def _score_unseen(self, tasks: list[dict], results) -> list[dict | None]:
+        """Forward pass for tasks the current version has not seen; None where impossible."""
+        limit = self.settings.max_unseen_per_request
+        if len(tasks) > limit:
+            logger.warning("/predict: %d unseen tasks, scoring the first %d (ALR_MAX_UNSEEN_PER_REQUEST)",
+                           len(tasks), limit)
+        todo = tasks[:limit]
+        out: list[dict | None] = [None] * len(tasks)
+        try:
+            engine = load_engine(self.settings)
+        except ImportError:
+            logger.exception("engine module %s cannot be imported", self.settings.engine_module)
+            return out
+        url = self.settings.label_studio_url or self.hostname
+        key = self.settings.label_studio_api_key or self.access_token
+        cache = ImageCache(self.settings.cache_dir,
+                           LabelStudioClient(url, key, timeout=self.settings.request_timeout))
+        images, pos_ok, given = [], [], {}
+        for i, task in enumerate(todo):
+            try:
+                tid = int(task["id"])
+                img_url = (task.get("data") or {}).get(self.info.image_field)
+                images.append(cache.load(img_url, engine.load_image, image_size=self.settings.image_size,
+                                         channels=self.settings.channels))
+                pos_ok.append(i)
+                given[tid] = extract_task_labels(task, self.info, label_source=self.settings.label_source,
+                                                 label_field=self.settings.label_field).noisy
+            except (ImageError, KeyError, TypeError, ValueError) as exc:
+                logger.warning("/predict: task %s skipped: %s", task.get("id"), exc)
+        if not images:
+            return out
+        labels = np.array([given[int(todo[i]["id"])] if given[int(todo[i]["id"])] is not None else -1
+                           for i in pos_ok], dtype=np.int64)
+        scored = engine.score_images(str(results.checkpoint), np.stack(images), labels)
+        scored.sample_ids = np.array([int(todo[i]["id"]) for i in pos_ok], dtype=np.int64)
+        recs = build_records(scored, class_names=results.class_names, given=given, trusted={})
+        with self._unseen_lock:
+            for tid, rec in recs.items():
+                self._unseen[(results.version, tid)] = rec
+        for i in pos_ok:
+            out[i] = recs[int(todo[i]["id"])]
+        return out
+
+    # -- training (label-studio-ml's own path; the app enqueues instead) --------------
+    def fit(self, tasks, workdir=None, **kwargs):
+        """Train synchronously (used only when label-studio-ml's job managers call fit)."""
+        if self.project_id is None:
+            raise ValueError("fit() needs the project id")
+        return run_training_job(self.project_id, settings=self.settings, reason=kwargs.get("event", "fit"))

@@ -1,0 +1,205 @@
+"""Training requests: coalesced per project, on redis + rq or (fallback) in a thread.
+
+Coalescing contract (both implementations): per project at most ONE job running and ONE
+pending.  An event that arrives while a job is pending is folded into that pending job;
+no event is ever dropped, because the pending job fetches the tasks and annotations only
+after it has *claimed* itself (stopped being pending) - so it sees every annotation made
+before any event it absorbed.  An event that arrives after the claim creates the next
+pending job.
+
+redis keys (``<p>`` = project id):
+
+``alr:train:<p>:pending``       id of the pending rq job (set and cleared under the lock)
+``alr:train:<p>:lock``          short lock around "read/replace pending" (enqueue + claim)
+``alr:train:<p>:running``       held by the job while it trains (so that two workers never
+                                train the same project at once; expires after the job timeout)
+``alr:train:<p>:seq``           counter for job ids ``train-<p>-<n>``
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+_PENDING_STATES = {"queued", "deferred", "scheduled"}
+
+
+def _key(project_id: int, what: str) -> str:
+    return f"alr:train:{int(project_id)}:{what}"
+
+
+class QueueUnavailable(RuntimeError):
+    """The training queue (redis) cannot be reached; the message says which address."""
+
+
+class RQTrainingQueue:
+    """Training jobs on an rq queue (run ``rq worker <RQ_QUEUE_NAME>``, see README)."""
+
+    kind = "rq"
+
+    def __init__(self, connection, queue_name: str, *, job_timeout: int = 3600,
+                 job_func: str = "ml_backend.training.train_project_job"):
+        from rq import Queue
+
+        self.redis = connection
+        self.queue = Queue(queue_name, connection=connection)
+        self.job_timeout = job_timeout
+        self.job_func = job_func
+
+    def request_training(self, project_id: int, reason: str) -> dict:
+        """Enqueue a training job for the project, or fold the request into the pending one."""
+        from redis.exceptions import RedisError
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+
+        p = int(project_id)
+        try:
+            with self.redis.lock(_key(p, "lock"), timeout=10, blocking_timeout=5):
+                pending = self.redis.get(_key(p, "pending"))
+                if pending:
+                    pending = pending.decode() if isinstance(pending, bytes) else pending
+                    try:
+                        job = Job.fetch(pending, connection=self.redis)
+                        status = job.get_status(refresh=True)
+                    except NoSuchJobError:
+                        job, status = None, None
+                    if job is not None and status is not None and str(getattr(status, "value", status)) in _PENDING_STATES:
+                        job.meta["events"] = int(job.meta.get("events", 1)) + 1
+                        job.meta.setdefault("reasons", [])
+                        if reason not in job.meta["reasons"]:
+                            job.meta["reasons"].append(reason)
+                        job.save_meta()
+                        return {"job_id": pending, "coalesced": True, "queue": self.kind}
+                n = self.redis.incr(_key(p, "seq"))
+                job_id = f"train-{p}-{n}"
+                self.queue.enqueue_call(
+                    self.job_func, args=(p, reason), job_id=job_id, timeout=self.job_timeout,
+                    result_ttl=7 * 86400, failure_ttl=7 * 86400,
+                    description=f"train project {p} ({reason})",
+                    meta={"project": p, "events": 1, "reasons": [reason],
+                          "progress": {"stage": "queued", "fraction": 0.0}})
+                self.redis.set(_key(p, "pending"), job_id)
+                return {"job_id": job_id, "coalesced": False, "queue": self.kind}
+        except RedisError as exc:
+            raise QueueUnavailable(f"redis is unreachable: {type(exc).__name__}: {exc}") from None
+
+    def status(self) -> dict:
+        from redis.exceptions import RedisError
+        from rq import Worker
+
+        try:
+            self.redis.ping()
+        except RedisError as exc:
+            return {"kind": self.kind, "redis": False, "error": f"{type(exc).__name__}: {exc}",
+                    "workers": 0, "queued": None}
+        try:
+            workers = Worker.all(queue=self.queue)
+            return {"kind": self.kind, "redis": True, "queue": self.queue.name,
+                    "workers": len(workers), "queued": self.queue.count}
+        except RedisError as exc:
+            return {"kind": self.kind, "redis": False, "error": str(exc), "workers": 0, "queued": None}
+
+    def project_status(self, project_id: int) -> dict:
+        pending = self.redis.get(_key(project_id, "pending"))
+        running = self.redis.get(_key(project_id, "running"))
+        return {"pending_job": pending.decode() if pending else None, "running": bool(running)}
+
+
+def claim_pending(connection, project_id: int, job_id: str) -> bool:
+    """Called by a job when it starts: stop being the pending job of its project.
+
+    From this moment new events create a new pending job.  Returns True when ``job_id``
+    was the pending job (False for a job enqueued by hand).
+    """
+    p = int(project_id)
+    with connection.lock(_key(p, "lock"), timeout=10, blocking_timeout=30):
+        pending = connection.get(_key(p, "pending"))
+        pending = pending.decode() if isinstance(pending, bytes) else pending
+        if pending == job_id:
+            connection.delete(_key(p, "pending"))
+            return True
+        return False
+
+
+def running_lock(connection, project_id: int, *, timeout: int):
+    """The per-project lock a job holds while it trains (a redis-py Lock)."""
+    return connection.lock(_key(project_id, "running"), timeout=timeout + 60,
+                           blocking_timeout=timeout + 60)
+
+
+class ThreadTrainingQueue:
+    """In-process fallback without redis: one background thread per project, same coalescing.
+
+    For a laptop: jobs die with the web process and are not shared between web workers.
+    """
+
+    kind = "thread"
+
+    def __init__(self, runner: Callable[[int, str], Any]):
+        self._runner = runner
+        self._lock = threading.Lock()
+        self._state: dict[int, dict] = {}
+        self.jobs_started = 0
+        logger.warning("redis is not used: training runs in a thread inside the web process "
+                       "(in-process fallback; set ALR_USE_REDIS=true and run an rq worker for production)")
+
+    def request_training(self, project_id: int, reason: str) -> dict:
+        p = int(project_id)
+        with self._lock:
+            st = self._state.setdefault(p, {"running": False, "pending": False, "reasons": []})
+            coalesced = st["pending"]
+            st["pending"] = True
+            st["reasons"].append(reason)
+            if not st["running"]:
+                st["running"] = True
+                threading.Thread(target=self._loop, args=(p,), name=f"alr-train-{p}",
+                                 daemon=True).start()
+        return {"job_id": f"thread-{p}", "coalesced": coalesced, "queue": self.kind}
+
+    def _loop(self, p: int) -> None:
+        while True:
+            with self._lock:
+                st = self._state[p]
+                if not st["pending"]:
+                    st["running"] = False
+                    return
+                st["pending"] = False            # claim: later events make a new pending run
+                reason = ",".join(sorted(set(st["reasons"])))
+                st["reasons"] = []
+                self.jobs_started += 1
+            try:
+                self._runner(p, reason)
+            except Exception:                    # the thread must survive a failed job
+                logger.exception("training of project %d failed", p)
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not any(s["running"] or s["pending"] for s in self._state.values()):
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def status(self) -> dict:
+        with self._lock:
+            busy = {p: dict(running=s["running"], pending=s["pending"]) for p, s in self._state.items()}
+        return {"kind": self.kind, "redis": None, "workers": 1, "projects": busy}
+
+    def project_status(self, project_id: int) -> dict:
+        with self._lock:
+            s = self._state.get(int(project_id), {})
+            return {"pending_job": "thread" if s.get("pending") else None, "running": bool(s.get("running"))}
+
+
+def make_redis(settings):
+    """A redis client from settings (REDIS_URL wins over host/port/db); no connection yet."""
+    import redis
+
+    kwargs = dict(socket_connect_timeout=2, socket_timeout=5)
+    if settings.redis_url:
+        return redis.Redis.from_url(settings.redis_url, **kwargs)
+    return redis.Redis(host=settings.redis_host, port=settings.redis_port, db=settings.redis_db, **kwargs)

@@ -1,0 +1,134 @@
+"""Configuration of the ML backend, read from environment variables.
+
+Everything is read by :meth:`Settings.from_env` when the app (or a training job)
+is set up, never at import time, so a test can set variables per test.  The
+table of variables and defaults lives in ``ml_backend/README.md``; keep both in
+sync.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+LABEL_SOURCES = ("data", "annotation")
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _optional_float(value: str) -> float | None:
+    return None if value.strip().lower() in ("", "none", "auto") else float(value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings of the backend and its training jobs (see README.md for the table)."""
+
+    label_studio_url: str = "http://127.0.0.1:8080"
+    label_studio_api_key: str = field(default="", repr=False)  # never printed
+    redis_url: str | None = None          # REDIS_URL wins over host/port/db when set
+    redis_host: str = "localhost"
+    redis_port: int = 6379
+    redis_db: int = 0
+    use_redis: bool = True                # False: in-process thread fallback, no redis at all
+    rq_queue_name: str = "alr-training"
+    job_timeout: int = 3600               # seconds; one training job
+    model_dir: str = "./runs/ml_backend"
+    image_cache_dir: str | None = None    # default <model_dir>/image_cache
+    label_source: str = "data"            # "data" (task data field) or "annotation" (first annotation)
+    label_field: str = "label"            # task data field with the noisy label (label_source=data)
+    relabel_budget: int = 0               # trusted relabels after which retraining stops; 0 = unlimited
+    min_labelled_tasks: int = 10          # fewer usable labelled images: the job does not train
+    predictions_batch_size: int = 500     # predictions per POST /api/predictions request
+    request_timeout: float = 30.0         # seconds, each Label Studio API / image request
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_unseen_per_request: int = 256     # /predict: unseen tasks scored by a forward pass per call
+    # engine hyperparameters (model.engine.EngineConfig)
+    arch: str = "auto"
+    image_size: int = 32
+    channels: int = 3
+    epochs: int = 30
+    finetune_epochs: int = 10
+    batch_size: int = 128
+    forget_rate: float | None = None
+    seed: int = 0
+    engine_module: str = "model.engine"   # tests point this at a stand-in; leave as is
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings from ``environ`` (default: ``os.environ``).
+
+        Raises
+        ------
+        ValueError
+            A variable holds a value of the wrong type or outside its allowed set;
+            the message names the variable.
+        """
+        env = os.environ if environ is None else environ
+        values: dict = {}
+        for name, (var, conv) in _ENV.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[name] = conv(raw)
+            except ValueError as exc:
+                raise ValueError(f"environment variable {var}={raw!r} is invalid: {exc}") from None
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.label_source not in LABEL_SOURCES:
+            raise ValueError(
+                f"ALR_LABEL_SOURCE must be one of {LABEL_SOURCES}, got {self.label_source!r}")
+        for name in ("redis_port", "job_timeout", "predictions_batch_size", "image_size",
+                     "batch_size", "max_request_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"ALR_CHANNELS must be 1 or 3, got {self.channels!r}")
+        if self.relabel_budget < 0:
+            raise ValueError(f"ALR_RELABEL_BUDGET must be >= 0, got {self.relabel_budget!r}")
+
+    @property
+    def cache_dir(self) -> str:
+        return self.image_cache_dir or os.path.join(self.model_dir, "image_cache")
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+_ENV = {
+    "label_studio_url": ("LABEL_STUDIO_URL", lambda v: v.rstrip("/")),
+    "label_studio_api_key": ("LABEL_STUDIO_API_KEY", str.strip),
+    "redis_url": ("REDIS_URL", str),
+    "redis_host": ("REDIS_HOST", str),
+    "redis_port": ("REDIS_PORT", int),
+    "redis_db": ("REDIS_DB", int),
+    "use_redis": ("ALR_USE_REDIS", _bool),
+    "rq_queue_name": ("RQ_QUEUE_NAME", str),
+    "job_timeout": ("ALR_JOB_TIMEOUT", int),
+    "model_dir": ("MODEL_DIR", str),
+    "image_cache_dir": ("ALR_IMAGE_CACHE_DIR", str),
+    "label_source": ("ALR_LABEL_SOURCE", str),
+    "label_field": ("ALR_LABEL_FIELD", str),
+    "relabel_budget": ("ALR_RELABEL_BUDGET", int),
+    "min_labelled_tasks": ("ALR_MIN_LABELLED_TASKS", int),
+    "predictions_batch_size": ("ALR_PREDICTIONS_BATCH_SIZE", int),
+    "request_timeout": ("ALR_REQUEST_TIMEOUT", float),
+    "max_request_bytes": ("ALR_MAX_REQUEST_BYTES", int),
+    "max_unseen_per_request": ("ALR_MAX_UNSEEN_PER_REQUEST", int),
+    "arch": ("ALR_ARCH", str),
+    "image_size": ("ALR_IMAGE_SIZE", int),
+    "channels": ("ALR_CHANNELS", int),
+    "epochs": ("ALR_EPOCHS", int),
+    "finetune_epochs": ("ALR_FINETUNE_EPOCHS", int),
+    "batch_size": ("ALR_BATCH_SIZE", int),
+    "forget_rate": ("ALR_FORGET_RATE", _optional_float),
+    "seed": ("ALR_SEED", int),
+    "engine_module": ("ALR_ENGINE_MODULE", str),
+}

@@ -1,0 +1,168 @@
+"""Model versions on disk, one directory per project.
+
+Layout::
+
+    <MODEL_DIR>/project-<id>/
+        versions/<version>/checkpoint.pt     the engine's checkpoint
+        versions/<version>/results.json      per-task results /predict answers from
+        versions/<version>/meta.json         config, counts, timings
+        CURRENT                              the served version's name (one line)
+        .tmp-<version>/                      a version being written (never served)
+
+A version is written into ``.tmp-<version>`` and renamed into ``versions/`` only when all
+its files are complete; ``CURRENT`` is then replaced atomically (write a temp file +
+``os.replace``).  A reader therefore sees either the old or the new version, never a
+half-written one; a crashed job leaves only a ``.tmp-*`` directory, removed by the next job.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+_VERSION_RE = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
+
+
+@dataclass
+class VersionResults:
+    """A version's per-task results, as loaded by the web process."""
+
+    version: str
+    class_names: list[str]
+    items: dict[int, dict]          # task id -> record (see training.build_records)
+    checkpoint: Path
+    meta: dict
+
+
+class ProjectStore:
+    """The model versions of one project."""
+
+    def __init__(self, model_dir: str | os.PathLike, project_id: int):
+        self.project_id = int(project_id)
+        self.root = Path(model_dir) / f"project-{self.project_id}"
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    def current_version(self) -> str | None:
+        try:
+            name = (self.root / "CURRENT").read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return name if name and (self.versions_dir / name).is_dir() else None
+
+    def version_dir(self, version: str) -> Path:
+        if not _VERSION_RE.match(version):
+            raise ValueError(f"bad model version name {version!r}")
+        return self.versions_dir / version
+
+    def list_versions(self) -> list[str]:
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.versions_dir.iterdir() if p.is_dir())
+
+    def next_version(self) -> str:
+        """A new, unique version name: alr-v<n>-<UTC timestamp>."""
+        n = 1 + max((int(m.group(1)) for v in self.list_versions()
+                     if (m := re.match(r"alr-v(\d+)-", v))), default=0)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        return f"alr-v{n}-{stamp}"
+
+    def clean_temp(self) -> None:
+        if self.root.is_dir():
+            for p in self.root.glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def begin(self, version: str) -> Path:
+        """Directory to write a new version into (not yet visible)."""
+        self.version_dir(version)   # validates the name
+        tmp = self.root / f".tmp-{version}"
+        tmp.mkdir(parents=True, exist_ok=False)
+        return tmp
+
+    def commit(self, version: str, tmp: Path, *, make_current: bool = True) -> Path:
+        """Publish a fully written version directory, then point CURRENT at it."""
+        final = self.version_dir(version)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)      # atomic rename of the whole directory
+        if make_current:
+            self.set_current(version)
+        return final
+
+    def set_current(self, version: str) -> None:
+        if not self.version_dir(version).is_dir():
+            raise FileNotFoundError(f"model version {version!r} does not exist")
+        atomic_write_text(self.root / "CURRENT", version + "\n")
+
+    def abort(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def load_meta(self, version: str) -> dict:
+        try:
+            with open(self.version_dir(version) / "meta.json", encoding="utf-8") as fh:
+                return json.load(fh)
+        except FileNotFoundError:
+            return {}
+
+    def load(self, version: str) -> VersionResults:
+        d = self.version_dir(version)
+        with open(d / "results.json", encoding="utf-8") as fh:
+            body = json.load(fh)
+        meta = {}
+        if (d / "meta.json").exists():
+            with open(d / "meta.json", encoding="utf-8") as fh:
+                meta = json.load(fh)
+        return VersionResults(version=version, class_names=list(body["class_names"]),
+                              items={int(k): v for k, v in body["items"].items()},
+                              checkpoint=d / "checkpoint.pt", meta=meta)
+
+
+class ResultsCache:
+    """Per-process cache: the current version's results of each project, loaded once per
+    version (a version is immutable once committed).  Thread-safe; one instance per app."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.model_dir = Path(model_dir)
+        self._lock = threading.Lock()
+        self._loaded: dict[int, VersionResults] = {}
+
+    def get(self, project_id: int) -> VersionResults | None:
+        store = ProjectStore(self.model_dir, project_id)
+        version = store.current_version()
+        if version is None:
+            return None
+        with self._lock:
+            cached = self._loaded.get(store.project_id)
+            if cached is not None and cached.version == version:
+                return cached
+        results = store.load(version)            # outside the lock: may take a moment
+        with self._lock:
+            self._loaded[store.project_id] = results
+        return results

@@ -1,0 +1,249 @@
+"""The training job: Label Studio -> images -> engine -> new model version -> predictions.
+
+``train_project_job(project_id, reason)`` is the rq entry point (arguments are plain ids and
+strings; settings come from the worker's environment).  ``run_training_job`` does the work
+and is the only place that calls the engine (``model.engine.train_and_score``).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import math
+import time
+from typing import Callable
+
+import numpy as np
+
+from .images import ImageCache, load_task_images
+from .labelconfig import LabelConfigInfo, parse_label_config
+from .labels import extract_labels
+from .ls_client import LabelStudioClient
+from .settings import Settings
+from .store import ProjectStore, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]
+
+
+def load_engine(settings: Settings):
+    """The engine module (``model.engine``; tests may point ALR_ENGINE_MODULE elsewhere)."""
+    return importlib.import_module(settings.engine_module)
+
+
+def config_fingerprint(info: LabelConfigInfo) -> str:
+    """What must not change between a checkpoint and the project for fine-tuning to apply."""
+    raw = json.dumps([info.from_name, info.to_name, info.image_field, list(info.class_names)])
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def engine_config(engine, settings: Settings):
+    return engine.EngineConfig(arch=settings.arch, image_size=settings.image_size,
+                               epochs=settings.epochs, finetune_epochs=settings.finetune_epochs,
+                               batch_size=settings.batch_size, forget_rate=settings.forget_rate,
+                               seed=settings.seed)
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) or math.isinf(x) else x
+
+
+def build_records(result, *, class_names: list[str], given: dict[int, int | None],
+                  trusted: dict[int, bool]) -> dict[int, dict]:
+    """Per-task records /predict answers from (JSON-ready), keyed by task id."""
+    out = {}
+    for i, tid in enumerate(np.asarray(result.sample_ids).tolist()):
+        g = given.get(int(tid))
+        out[int(tid)] = {
+            "suggested": class_names[int(result.predicted_labels[i])],
+            "given": class_names[g] if g is not None else None,
+            "trusted": bool(trusted.get(int(tid), False)),
+            "score": float(result.ls_score[i]),
+            "prob_label_wrong": _num(result.prob_label_wrong[i]),
+            "loss": _num(result.loss[i]),
+            "vog": _num(result.vog_scores[i]),
+            "priority": _num(result.priority[i]),
+        }
+    return out
+
+
+def prediction_for(record: dict, info: LabelConfigInfo, version: str) -> dict:
+    """One Label Studio prediction (result, score, model_version) from a task record.
+
+    The per-task figures ride along in the Choices region's ``meta`` (Label Studio stores
+    a prediction's result JSON as given; ``meta.text`` is shown with the region).
+    """
+    def fmt(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    text = (f"given: {record['given']}{' (trusted)' if record['trusted'] else ''}; "
+            f"suggested: {record['suggested']}; P(label wrong): {fmt(record['prob_label_wrong'], '.3f')}; "
+            f"loss: {fmt(record['loss'], '.3f')}; VoG: {fmt(record['vog'], '.3g')}")
+    region = {
+        "from_name": info.from_name, "to_name": info.to_name, "type": "choices",
+        "value": {"choices": [record["suggested"]]},
+        "meta": {"text": [text], "given_label": record["given"], "suggested_label": record["suggested"],
+                 "prob_label_wrong": record["prob_label_wrong"], "loss": record["loss"],
+                 "vog": record["vog"], "trusted": record["trusted"]},
+    }
+    return {"result": [region], "score": record["score"], "model_version": version}
+
+
+class _JobProgress:
+    """Progress into rq job.meta (throttled) and the log."""
+
+    def __init__(self, job=None):
+        self.job = job
+        self._last = 0.0
+        self._stage = None
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        now = time.monotonic()
+        if stage != self._stage:
+            logger.info("training progress: %s", stage)
+        if self.job is not None and (stage != self._stage or now - self._last > 1.0 or fraction >= 1.0):
+            self.job.meta["progress"] = {"stage": stage, "fraction": round(float(fraction), 4)}
+            try:
+                self.job.save_meta()
+            except Exception:      # progress is best effort; never fail the job for it
+                logger.debug("could not save job meta", exc_info=True)
+            self._last = now
+        self._stage = stage
+
+
+def run_training_job(project_id: int, *, settings: Settings | None = None, reason: str = "",
+                     progress: Progress | None = None, client: LabelStudioClient | None = None) -> dict:
+    """Train (Phase 1 first, Phase 2 fine-tuning after), publish a version, push predictions.
+
+    Returns a summary dict (also the rq job result).  Raises on errors that must fail the
+    job (Label Studio unreachable, bad key, bad config); a half-written version is removed.
+    """
+    settings = settings or Settings.from_env()
+    progress = progress or _JobProgress()
+    t0 = time.monotonic()
+    p = int(project_id)
+    engine = load_engine(settings)
+    client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key,
+                                         timeout=settings.request_timeout)
+    store = ProjectStore(settings.model_dir, p)
+    store.clean_temp()
+
+    progress("fetch", 0.0)
+    project = client.get_project(p)
+    info = parse_label_config(project.get("label_config"))
+    tasks = list(client.iter_tasks(p))
+    labels = extract_labels(tasks, info, label_source=settings.label_source,
+                            label_field=settings.label_field)
+    n_trusted = sum(tl.is_trusted for tl in labels)
+    logger.info("project %d: %d tasks, %d with a trusted label (reason: %s)", p, len(tasks),
+                n_trusted, reason or "-")
+
+    previous = store.current_version()
+    prev_meta = store.load_meta(previous) if previous else {}
+    if settings.relabel_budget and previous and prev_meta.get("n_trusted", 0) >= settings.relabel_budget:
+        logger.warning("project %d: relabel budget spent (%d trusted labels >= ALR_RELABEL_BUDGET=%d): "
+                       "not retraining; version %s stays current", p, prev_meta.get("n_trusted", 0),
+                       settings.relabel_budget, previous)
+        return {"status": "budget_spent", "project": p, "model_version": previous}
+
+    progress("download", 0.0)
+    cache = ImageCache(settings.cache_dir, client)
+    ok_idx, images, errors = load_task_images(tasks, info.image_field, cache, engine.load_image,
+                                              image_size=settings.image_size, channels=settings.channels)
+    ok_tasks = [tasks[i] for i in ok_idx]
+    ok_labels = [labels[i] for i in ok_idx]
+    train_pos = [j for j, tl in enumerate(ok_labels) if tl.label is not None]
+    other_pos = [j for j, tl in enumerate(ok_labels) if tl.label is None]
+    if len(train_pos) < settings.min_labelled_tasks:
+        logger.error("project %d: only %d labelled tasks with a usable image (< ALR_MIN_LABELLED_TASKS=%d): "
+                     "not training", p, len(train_pos), settings.min_labelled_tasks)
+        return {"status": "not_enough_data", "project": p, "labelled": len(train_pos),
+                "skipped_images": len(errors)}
+
+    fingerprint = config_fingerprint(info)
+    previous_checkpoint = None
+    if previous and prev_meta.get("config_fingerprint") == fingerprint:
+        previous_checkpoint = store.version_dir(previous) / "checkpoint.pt"
+    elif previous:
+        logger.warning("project %d: labelling config changed since %s: training from scratch (Phase 1)",
+                       p, previous)
+    phase = 2 if previous_checkpoint is not None else 1
+
+    version = store.next_version()
+    tmp = store.begin(version)
+    try:
+        ids = np.array([int(ok_tasks[j]["id"]) for j in train_pos], dtype=np.int64)
+        y = np.array([ok_labels[j].label for j in train_pos], dtype=np.int64)
+        trusted_mask = np.array([ok_labels[j].is_trusted for j in train_pos], dtype=bool)
+        progress(f"train (phase {phase})", 0.0)
+        result = engine.train_and_score(
+            images[train_pos], y, sample_ids=ids, class_names=list(info.class_names),
+            trusted_mask=trusted_mask, previous_checkpoint=previous_checkpoint,
+            checkpoint_path=tmp / "checkpoint.pt", config=engine_config(engine, settings),
+            progress=progress)
+        given = {int(ok_tasks[j]["id"]): ok_labels[j].noisy for j in range(len(ok_tasks))}
+        trusted = {int(ok_tasks[j]["id"]): ok_labels[j].is_trusted for j in range(len(ok_tasks))}
+        records = build_records(result, class_names=list(info.class_names), given=given, trusted=trusted)
+        if other_pos:
+            progress("score unlabelled", 0.0)
+            scored = engine.score_images(tmp / "checkpoint.pt", images[other_pos], None)
+            scored.sample_ids = np.array([int(ok_tasks[j]["id"]) for j in other_pos], dtype=np.int64)
+            records.update(build_records(scored, class_names=list(info.class_names), given=given,
+                                         trusted=trusted))
+        atomic_write_json(tmp / "results.json", {
+            "version": version, "project": p, "class_names": list(info.class_names),
+            "items": {str(k): v for k, v in records.items()}})
+        meta = {"version": version, "project": p, "phase": phase, "previous": previous,
+                "reason": reason, "config_fingerprint": fingerprint,
+                "class_names": list(info.class_names), "n_tasks": len(tasks),
+                "n_trained": len(train_pos), "n_trusted": n_trusted,
+                "n_scored_only": len(other_pos), "skipped_images": errors,
+                "trained_task_labels": {str(int(ok_tasks[j]["id"])): int(ok_labels[j].label)
+                                        for j in train_pos},
+                "trusted_task_ids": [int(ok_tasks[j]["id"]) for j in train_pos if ok_labels[j].is_trusted],
+                "settings": {k: getattr(settings, k) for k in ("arch", "image_size", "channels", "epochs",
+                                                               "finetune_epochs", "batch_size", "seed",
+                                                               "label_source", "label_field")},
+                "train_seconds": round(time.monotonic() - t0, 2)}
+        atomic_write_json(tmp / "meta.json", meta)
+        store.commit(version, tmp)
+    except BaseException:
+        store.abort(tmp)
+        raise
+    logger.info("project %d: model version %s saved (phase %d, %d trained, %d trusted)", p, version,
+                phase, len(train_pos), n_trusted)
+
+    progress("push predictions", 0.0)
+    predictions = [dict(prediction_for(rec, info, version), task=tid) for tid, rec in records.items()]
+    t_push = time.monotonic()
+    created = client.import_predictions(p, predictions, batch_size=settings.predictions_batch_size)
+    push_seconds = time.monotonic() - t_push
+    client.patch_project(p, model_version=version)
+    progress("done", 1.0)
+    logger.info("project %d: pushed %d predictions in %.1fs; project model_version is now %s",
+                p, created, push_seconds, version)
+    return {"status": "trained", "project": p, "model_version": version, "phase": phase,
+            "n_trained": len(train_pos), "n_trusted": n_trusted, "predictions": created,
+            "skipped_images": len(errors), "push_seconds": round(push_seconds, 2),
+            "seconds": round(time.monotonic() - t0, 2)}
+
+
+def train_project_job(project_id: int, reason: str = "") -> dict:
+    """rq entry point: claim the pending slot, hold the project's running lock, train."""
+    from rq import get_current_job
+
+    from .queue import claim_pending, running_lock
+
+    settings = Settings.from_env()
+    job = get_current_job()
+    if job is None:
+        return run_training_job(project_id, settings=settings, reason=reason)
+    progress = _JobProgress(job)
+    progress("waiting for the project's running lock", 0.0)
+    with running_lock(job.connection, project_id, timeout=settings.job_timeout):
+        claim_pending(job.connection, project_id, job.id)
+        reasons = ",".join(job.get_meta(refresh=True).get("reasons", [reason]))
+        return run_training_job(project_id, settings=settings, reason=reasons, progress=progress)
