@@ -67,6 +67,13 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
                 models[key] = model
         return model
 
+    @app.before_request
+    def cap_size():
+        # get_json(silent=True) would swallow Werkzeug's 413; refuse big bodies up front
+        if request.content_length is not None and request.content_length > settings.max_request_bytes:
+            return _error(413, f"request body larger than ALR_MAX_REQUEST_BYTES={settings.max_request_bytes}")
+        return None
+
     def body() -> dict:
         data = request.get_json(silent=True)
         if not isinstance(data, dict):

@@ -71,7 +71,8 @@ class LabelStudioClient:
                               timeout=self.timeout)
         if r.status_code != 200:
             raise LabelStudioAuthError(
-                f"exchanging the personal access token at /api/token/refresh/ failed: "
+                f"LABEL_STUDIO_API_KEY was refused: exchanging it as a personal access token "
+                f"at /api/token/refresh/ failed: "
                 f"HTTP {r.status_code}", r.status_code)
         self._access = r.json()["access"]
 

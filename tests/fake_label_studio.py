@@ -1,0 +1,156 @@
+"""A minimal in-process imitation of the Label Studio API the backend uses (fast tests only).
+
+It serves GET /health, /api/current-user/whoami, GET/PATCH /api/projects/<id>, GET /api/tasks,
+POST /api/projects/<id>/import/predictions, POST /api/token/refresh/ and /data/upload/...
+files, with both auth kinds (legacy ``Token`` and PAT refresh -> ``Bearer`` access).  The real
+server is used by tests/e2e.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+
+import numpy as np
+from flask import Flask, jsonify, request, send_file
+from PIL import Image
+from werkzeug.serving import make_server
+
+LEGACY_TOKEN = "a" * 40
+PAT = "eyJhbGciOiJIUzI1NiJ9." + base64.urlsafe_b64encode(b'{"token_type":"refresh"}').decode().rstrip("=") + ".sig"
+ACCESS = "access-token-123"
+
+DIGITS_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Choices name="label" toName="image" choice="single">
+    <Choice value="0"/><Choice value="1"/><Choice value="2"/>
+  </Choices>
+</View>"""
+
+
+def png_bytes(value: int, size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class FakeLabelStudio:
+    def __init__(self, *, legacy_enabled: bool = True):
+        self.legacy_enabled = legacy_enabled
+        self.lock = threading.Lock()
+        self.projects: dict[int, dict] = {}
+        self.tasks: dict[int, dict] = {}
+        self.files: dict[str, bytes] = {}
+        self.predictions: list[dict] = []
+        self.prediction_requests = 0
+        self.seen_auth: list[str] = []
+        self._next_annotation = 1
+        self.app = self._make_app()
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+    # -- data -------------------------------------------------------------------------
+    def add_project(self, pid: int, label_config: str = DIGITS_CONFIG) -> None:
+        self.projects[pid] = {"id": pid, "label_config": label_config, "model_version": "",
+                              "sampling": "Sequential sampling"}
+
+    def add_task(self, pid: int, tid: int, *, label, pixel: int, image: bytes | None = None,
+                 url: str | None = None) -> None:
+        path = url or f"/data/upload/{pid}/task-{tid}.png"
+        if url is None:
+            self.files[path] = image if image is not None else png_bytes(pixel)
+        self.tasks[tid] = {"id": tid, "project": pid, "data": {"image": path, "label": label},
+                           "annotations": [], "predictions": []}
+
+    def annotate(self, tid: int, choice: str, *, cancelled: bool = False) -> dict:
+        with self.lock:
+            aid = self._next_annotation
+            self._next_annotation += 1
+            ann = {"id": aid, "task": tid, "project": self.tasks[tid]["project"], "was_cancelled": cancelled,
+                   "created_at": f"2026-01-01T00:00:{aid:06d}", "updated_at": f"2026-01-01T00:00:{aid:06d}",
+                   "result": [] if cancelled else [{"from_name": "label", "to_name": "image", "type": "choices",
+                                                    "value": {"choices": [choice]}}]}
+            self.tasks[tid]["annotations"].append(ann)
+            return ann
+
+    # -- server -----------------------------------------------------------------------
+    def _authorised(self) -> bool:
+        header = request.headers.get("Authorization", "")
+        self.seen_auth.append(header.split(" ")[0])
+        if header == f"Token {LEGACY_TOKEN}":
+            return self.legacy_enabled
+        return header == f"Bearer {ACCESS}"
+
+    def _make_app(self) -> Flask:
+        app = Flask("fake_label_studio")
+        fake = self
+
+        @app.before_request
+        def auth():
+            if request.path in ("/health", "/api/token/refresh/"):
+                return None
+            if not fake._authorised():
+                return jsonify({"detail": "Authentication credentials were not provided."}), 401
+            return None
+
+        @app.route("/health")
+        def health():
+            return jsonify({"status": "UP"})
+
+        @app.route("/api/token/refresh/", methods=["POST"])
+        def refresh():
+            if (request.get_json(silent=True) or {}).get("refresh") != PAT:
+                return jsonify({"detail": "Token is invalid"}), 401
+            return jsonify({"access": ACCESS})
+
+        @app.route("/api/current-user/whoami")
+        def whoami():
+            return jsonify({"id": 1, "email": "test@example.com"})
+
+        @app.route("/api/projects/<int:pid>", methods=["GET", "PATCH"])
+        def project(pid):
+            if pid not in fake.projects:
+                return jsonify({"detail": "Not found."}), 404
+            if request.method == "PATCH":
+                fake.projects[pid].update(request.get_json())
+            return jsonify(fake.projects[pid])
+
+        @app.route("/api/tasks")
+        def tasks():
+            pid = int(request.args["project"])
+            page, size = int(request.args.get("page", 1)), int(request.args.get("page_size", 100))
+            with fake.lock:
+                rows = [json.loads(json.dumps(t)) for t in fake.tasks.values() if t["project"] == pid]
+            chunk = rows[(page - 1) * size: page * size]
+            if not chunk and page > 1:
+                return jsonify({"detail": "Invalid page."}), 404
+            return jsonify({"tasks": chunk, "total": len(rows)})
+
+        @app.route("/api/projects/<int:pid>/import/predictions", methods=["POST"])
+        def import_predictions(pid):
+            items = request.get_json()
+            with fake.lock:
+                fake.prediction_requests += 1
+                for item in items:
+                    if fake.tasks.get(item["task"], {}).get("project") != pid:
+                        return jsonify({"detail": f"task {item['task']} not found"}), 400
+                fake.predictions.extend(items)
+            return jsonify({"created": len(items)}), 201
+
+        @app.route("/data/upload/<path:rest>")
+        def upload(rest):
+            data = fake.files.get(f"/data/upload/{rest}")
+            if data is None:
+                return "not found", 404
+            return send_file(io.BytesIO(data), mimetype="image/png")
+
+        return app

@@ -1,0 +1,237 @@
+"""Flask test-client tests of the backend app: /setup, /predict, /webhook, /health, bad input.
+
+Training runs in the in-process fallback (no redis) against a fake Label Studio API and the
+stand-in engine (tests/fake_engine.py), so a full train -> push -> predict cycle takes < 1 s.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ml_backend.app import create_app
+from ml_backend.settings import Settings
+from ml_backend.store import ProjectStore
+from ml_backend.training import run_training_job
+from tests.fake_label_studio import DIGITS_CONFIG, LEGACY_TOKEN, PAT, FakeLabelStudio, png_bytes
+
+# pixel value per class: 0 -> dark, 1 -> mid, 2 -> bright
+PIXEL = {0: 20, 1: 128, 2: 235}
+
+
+@pytest.fixture
+def fake_ls(backend_env, monkeypatch):
+    with FakeLabelStudio(legacy_enabled=False) as ls:
+        ls.add_project(1)
+        tid = 100
+        for k in range(3):
+            for _ in range(6):
+                ls.add_task(1, tid, label=str(k), pixel=PIXEL[k])
+                tid += 1
+        # two mislabelled tasks (bright image labelled "0", dark image labelled "2")
+        ls.add_task(1, 200, label="0", pixel=PIXEL[2])
+        ls.add_task(1, 201, label="2", pixel=PIXEL[0])
+        ls.add_task(1, 202, label=None, pixel=PIXEL[1])          # no label: scored only
+        ls.add_task(1, 203, label="1", pixel=0, image=b"not a png")   # broken image: skipped
+        monkeypatch.setenv("LABEL_STUDIO_URL", ls.url)
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", PAT)
+        yield ls
+
+
+def setup_body(ls):
+    return {"project": "1.1700000000", "schema": DIGITS_CONFIG, "hostname": ls.url, "access_token": "x",
+            "extra_params": None}
+
+
+def predict_body(tasks):
+    return {"tasks": tasks, "project": "1.1700000000", "label_config": DIGITS_CONFIG,
+            "params": {"login": None, "password": None, "context": None}}
+
+
+def test_setup_before_training_says_untrained(fake_ls):
+    client = create_app().test_client()
+    r = client.post("/setup", json=setup_body(fake_ls))
+    assert r.status_code == 200 and r.get_json() == {"model_version": "alr-untrained"}
+
+
+def test_predict_before_training_returns_one_empty_item_per_task(fake_ls):
+    client = create_app().test_client()
+    tasks = [fake_ls.tasks[100], fake_ls.tasks[101]]
+    r = client.post("/predict", json=predict_body(tasks))
+    assert r.status_code == 200
+    assert [x["result"] for x in r.get_json()["results"]] == [[], []]
+
+
+def test_training_job_publishes_version_pushes_all_and_predict_serves_cache(fake_ls):
+    summary = run_training_job(1, settings=Settings.from_env(), reason="test")
+    assert summary["status"] == "trained" and summary["phase"] == 1
+    version = summary["model_version"]
+    assert fake_ls.projects[1]["model_version"] == version
+    pushed = {p["task"]: p for p in fake_ls.predictions}
+    assert set(pushed) == set(fake_ls.tasks) - {203}                     # all but the broken image
+    assert all(p["model_version"] == version for p in pushed.values())
+    lowest = sorted(pushed.values(), key=lambda p: p["score"])[:2]
+    assert {p["task"] for p in lowest} == {200, 201}                    # the mislabelled ones first
+    region = pushed[200]["result"][0]
+    assert region["value"]["choices"] == ["2"] and region["meta"]["given_label"] == "0"
+    assert region["meta"]["prob_label_wrong"] > 0.5
+
+    client = create_app().test_client()
+    assert client.post("/setup", json=setup_body(fake_ls)).get_json()["model_version"] == version
+    tasks = [fake_ls.tasks[t] for t in (200, 100, 203, 202)]
+    r = client.post("/predict", json=predict_body(tasks))
+    results = r.get_json()["results"]
+    assert len(results) == 4
+    assert results[0] == {k: pushed[200][k] for k in ("result", "score", "model_version")}
+    assert results[2] == {"result": [], "model_version": version}     # broken image: empty item
+    assert results[3]["result"][0]["value"]["choices"] == ["1"]
+
+
+def test_predict_scores_unseen_tasks_by_forward_pass(fake_ls):
+    run_training_job(1, settings=Settings.from_env())
+    fake_ls.add_task(1, 300, label="0", pixel=PIXEL[2])              # imported after training
+    client = create_app().test_client()
+    r = client.post("/predict", json=predict_body([fake_ls.tasks[300]]))
+    (item,) = r.get_json()["results"]
+    assert item["result"][0]["value"]["choices"] == ["2"] and item["score"] < 0.5
+
+
+def test_relabel_makes_task_trusted_and_phase_2(fake_ls):
+    run_training_job(1, settings=Settings.from_env())
+    fake_ls.annotate(200, "2")                                            # the expert fixes task 200
+    summary = run_training_job(1, settings=Settings.from_env())
+    assert summary["phase"] == 2 and summary["n_trusted"] == 1
+    meta = ProjectStore(Settings.from_env().model_dir, 1).load_meta(summary["model_version"])
+    assert meta["trusted_task_ids"] == [200] and meta["trained_task_labels"]["200"] == 2
+    pushed = [p for p in fake_ls.predictions if p["model_version"] == summary["model_version"] and p["task"] == 200]
+    assert pushed[0]["result"][0]["meta"]["trusted"] is True
+
+
+def test_relabel_budget_stops_retraining(fake_ls, monkeypatch):
+    monkeypatch.setenv("ALR_RELABEL_BUDGET", "1")
+    run_training_job(1, settings=Settings.from_env())
+    fake_ls.annotate(200, "2")
+    assert run_training_job(1, settings=Settings.from_env())["status"] == "trained"
+    fake_ls.annotate(201, "0")
+    assert run_training_job(1, settings=Settings.from_env())["status"] == "budget_spent"
+
+
+def test_failed_training_leaves_no_half_written_version(fake_ls, monkeypatch):
+    import tests.fake_engine as fe
+
+    def boom(*a, **k):
+        raise RuntimeError("engine crashed")
+
+    monkeypatch.setattr(fe, "train_and_score", boom)
+    with pytest.raises(RuntimeError):
+        run_training_job(1, settings=Settings.from_env())
+    store = ProjectStore(Settings.from_env().model_dir, 1)
+    assert store.current_version() is None and store.list_versions() == []
+    assert not list(store.root.glob(".tmp-*"))
+
+
+def test_invalid_api_key_fails_job_with_clear_error(fake_ls, monkeypatch):
+    from ml_backend.ls_client import LabelStudioAuthError
+
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "not-a-key")
+    with pytest.raises(LabelStudioAuthError, match="refused"):
+        run_training_job(1, settings=Settings.from_env())
+
+
+# -- webhook ----------------------------------------------------------------------------
+def test_webhook_events_queue_and_return_201_thread_fallback(fake_ls, caplog):
+    app = create_app()
+    assert "in-process fallback" in caplog.text
+    client = app.test_client()
+    queue = app.extensions["alr"]["queue"]
+    r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+    assert r.status_code == 201 and r.get_json()["status"] == "queued"
+    assert queue.wait_idle(30)
+    assert fake_ls.projects[1]["model_version"].startswith("alr-v1-")
+    for action, payload in [
+        ("ANNOTATION_CREATED", {"annotation": {"id": 1, "project": 1, "was_cancelled": False}, "project": {"id": 1}}),
+        ("ANNOTATION_UPDATED", {"annotation": {"id": 1, "project": 1}, "project": {"id": 1}}),
+        ("ANNOTATIONS_DELETED", {"annotations": [{"id": 1}], "project": {"id": 1}}),
+        ("ANNOTATION_DELETED", {"annotation": {"id": 1, "project": 1}, "project": 1}),
+    ]:
+        r = client.post("/webhook", json={"action": action, **payload})
+        assert r.status_code == 201, (action, r.get_json())
+    assert queue.wait_idle(30)
+    assert queue.jobs_started <= 3       # 1 + at most (one running + one pending)
+
+
+def test_webhook_ignores_own_project_update_and_skips(fake_ls):
+    app = create_app()
+    client = app.test_client()
+    run_training_job(1, settings=Settings.from_env())
+    project = dict(fake_ls.projects[1])
+    r = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": project})
+    assert r.status_code == 200 and r.get_json()["status"] == "ignored"
+    r = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1},
+                                      "annotation": {"id": 9, "project": 1, "was_cancelled": True}})
+    assert r.status_code == 200 and r.get_json()["status"] == "ignored"
+    changed = dict(project, label_config=DIGITS_CONFIG.replace('<Choice value="2"/>', '<Choice value="2"/><Choice value="3"/>'))
+    r = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": changed})
+    assert r.status_code == 201
+    r = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 1}})
+    assert r.status_code == 200 and r.get_json()["status"] == "ignored"
+    app.extensions["alr"]["queue"].wait_idle(30)
+
+
+# -- bad input --------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["/setup", "/predict", "/webhook", "/versions", "/train"])
+def test_malformed_json_is_400(backend_env, path):
+    client = create_app().test_client()
+    r = client.post(path, data="{not json", content_type="application/json")
+    assert r.status_code == 400 and "JSON" in r.get_json()["error"]
+    r = client.post(path, data=json.dumps([1, 2]), content_type="application/json")
+    assert r.status_code == 400
+
+
+def test_bad_requests_get_messages(backend_env):
+    client = create_app().test_client()
+    r = client.post("/setup", json={"project": "1.1", "schema": "<View><Text name='t' value='$t'/></View>"})
+    assert r.status_code == 400 and "Image" in r.get_json()["error"]
+    r = client.post("/predict", json={"tasks": "nope", "label_config": DIGITS_CONFIG})
+    assert r.status_code == 400 and "tasks" in r.get_json()["error"]
+    r = client.post("/predict", json={"tasks": [{"id": 1, "data": {}}]})
+    assert r.status_code == 400 and "label_config" in r.get_json()["error"]
+    r = client.post("/webhook", json={"project": 1})
+    assert r.status_code == 400 and "action" in r.get_json()["error"]
+    r = client.post("/webhook", json={"action": "ANNOTATION_CREATED"})
+    assert r.status_code == 400 and "project" in r.get_json()["error"]
+    r = client.get("/is_training")
+    assert r.status_code == 400
+
+
+def test_tasks_without_images_predict_empty_items(fake_ls):
+    run_training_job(1, settings=Settings.from_env())
+    client = create_app().test_client()
+    tasks = [{"id": 900, "data": {}}, {"id": 901, "data": {"image": "http://127.0.0.1:9/missing.png"}}]
+    r = client.post("/predict", json=predict_body(tasks))
+    assert r.status_code == 200
+    assert [x["result"] for x in r.get_json()["results"]] == [[], []]
+
+
+def test_request_size_is_capped(backend_env, monkeypatch):
+    monkeypatch.setenv("ALR_MAX_REQUEST_BYTES", "1000")
+    client = create_app().test_client()
+    r = client.post("/predict", data=json.dumps({"tasks": [{"id": 1, "data": {"x": "y" * 5000}}]}),
+                    content_type="application/json")
+    assert r.status_code == 413
+
+
+def test_health_reports_queue_ls_and_versions(fake_ls):
+    run_training_job(1, settings=Settings.from_env())
+    r = create_app().test_client().get("/health")
+    body = r.get_json()
+    assert r.status_code == 200 and body["status"] == "UP"
+    assert body["label_studio"]["reachable"] is True
+    assert body["queue"]["kind"] == "thread"
+    assert body["model_versions"]["1"].startswith("alr-v1-")
+
+
+def test_settings_are_read_at_app_setup_not_import(backend_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "elsewhere"))
+    app = create_app()
+    assert app.extensions["alr"]["settings"].model_dir == str(tmp_path / "elsewhere")

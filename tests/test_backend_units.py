@@ -1,0 +1,150 @@
+"""Unit tests of ml_backend's pieces: settings, label config, the label rule, store, client auth."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ml_backend.labelconfig import LabelConfigError, parse_label_config
+from ml_backend.labels import extract_labels, extract_task_labels
+from ml_backend.ls_client import LabelStudioAuthError, LabelStudioClient
+from ml_backend.settings import Settings
+from ml_backend.store import ProjectStore, ResultsCache
+from tests.fake_label_studio import DIGITS_CONFIG, LEGACY_TOKEN, PAT, FakeLabelStudio
+
+INFO = parse_label_config(DIGITS_CONFIG)
+
+
+# -- settings ---------------------------------------------------------------------------
+def test_settings_defaults_and_env():
+    s = Settings.from_env({})
+    assert s.label_source == "data" and s.label_field == "label" and s.redis_port == 6379
+    s = Settings.from_env({"REDIS_PORT": "6390", "ALR_LABEL_SOURCE": "annotation", "ALR_FORGET_RATE": "0.2",
+                           "LABEL_STUDIO_URL": "http://ls:8080/", "ALR_USE_REDIS": "no"})
+    assert (s.redis_port, s.label_source, s.forget_rate, s.label_studio_url, s.use_redis) == \
+        (6390, "annotation", 0.2, "http://ls:8080", False)
+
+
+def test_settings_bad_values_name_the_variable():
+    with pytest.raises(ValueError, match="REDIS_PORT"):
+        Settings.from_env({"REDIS_PORT": "abc"})
+    with pytest.raises(ValueError, match="ALR_LABEL_SOURCE"):
+        Settings.from_env({"ALR_LABEL_SOURCE": "both"})
+
+
+def test_settings_repr_hides_key():
+    assert "secret" not in repr(Settings(label_studio_api_key="secret"))
+
+
+# -- label config -----------------------------------------------------------------------
+def test_parse_digits_config():
+    assert INFO.from_name == "label" and INFO.to_name == "image" and INFO.image_field == "image"
+    assert INFO.class_names == ("0", "1", "2")
+
+
+@pytest.mark.parametrize("config, message", [
+    ("", "empty"),
+    ("<View><Image", "not valid XML"),
+    ('<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/>'
+     '<Choice value="b"/></Choices></View>', "Image"),
+    ('<View><Image name="i" value="$image"/><Choices name="c" toName="i" choice="multiple">'
+     '<Choice value="a"/><Choice value="b"/></Choices></View>', "single-choice"),
+    ('<View><Image name="i" value="$image"/><RectangleLabels name="r" toName="i"><Label value="a"/>'
+     '</RectangleLabels></View>', "Choices"),
+    ('<View><Image name="i" value="$image"/><Choices name="c" toName="i"><Choice value="a"/></Choices></View>',
+     "at least two"),
+    ('<View><Image name="i" value="$image"/><Image name="j" value="$other"/><Choices name="c" toName="i">'
+     '<Choice value="a"/><Choice value="b"/></Choices></View>', "exactly one"),
+])
+def test_bad_configs_have_clear_errors(config, message):
+    with pytest.raises(LabelConfigError, match=message):
+        parse_label_config(config)
+
+
+# -- the label rule ---------------------------------------------------------------------
+def ann(aid, choice, *, cancelled=False, updated=None, from_name="label"):
+    return {"id": aid, "was_cancelled": cancelled, "created_at": f"2026-01-01T00:00:{aid:02d}",
+            "updated_at": updated or f"2026-01-01T00:00:{aid:02d}",
+            "result": [] if choice is None else [{"from_name": from_name, "to_name": "image", "type": "choices",
+                                                  "value": {"choices": [choice]}}]}
+
+
+def task(anns, label="1"):
+    return {"id": 7, "data": {"image": "/x.png", "label": label}, "annotations": anns}
+
+
+def test_source_data_noisy_from_field_untrusted_without_annotations():
+    tl = extract_task_labels(task([]), INFO)
+    assert (tl.noisy, tl.trusted, tl.label, tl.is_trusted) == (1, None, 1, False)
+
+
+def test_source_data_every_annotation_trusted_latest_update_wins():
+    tl = extract_task_labels(task([ann(1, "2"), ann(2, "0", updated="2026-01-01T00:00:01"),
+                                   ann(3, "2", updated="2026-01-02T00:00:00")]), INFO)
+    assert (tl.noisy, tl.trusted, tl.label) == (1, 2, 2)
+
+
+def test_cancelled_and_foreign_annotations_are_ignored():
+    tl = extract_task_labels(task([ann(1, None, cancelled=True), ann(2, "0", from_name="other")]), INFO)
+    assert tl.trusted is None and tl.label == 1
+
+
+def test_label_missing_from_config_is_ignored_and_reported(caplog):
+    tasks = [task([ann(1, "9")], label="7")]
+    (tl,) = extract_labels(tasks, INFO)
+    assert tl.noisy is None and tl.trusted is None and tl.label is None
+    assert set(tl.invalid_labels) == {"9", "7"}
+    assert "not in the labelling config" in caplog.text
+
+
+def test_source_data_integer_label_is_matched_as_string():
+    assert extract_task_labels(task([], label=2), INFO).noisy == 2
+
+
+def test_source_annotation_first_is_noisy_later_ones_trusted():
+    only_first = extract_task_labels(task([ann(1, "0")], label=None), INFO, label_source="annotation")
+    assert (only_first.noisy, only_first.trusted) == (0, None)
+    later = extract_task_labels(task([ann(3, "1"), ann(1, "0"), ann(2, "2")], label=None), INFO,
+                                label_source="annotation")
+    assert (later.noisy, later.trusted, later.label) == (0, 1, 1)   # first by creation, latest update wins
+
+
+# -- store ------------------------------------------------------------------------------
+def test_store_publishes_atomically_and_cache_reloads_per_version(tmp_path):
+    store = ProjectStore(tmp_path, 3)
+    assert store.current_version() is None
+    cache = ResultsCache(tmp_path)
+    assert cache.get(3) is None
+    for n in (1, 2):
+        version = f"alr-v{n}-x"
+        tmp = store.begin(version)
+        (tmp / "results.json").write_text(json.dumps({"class_names": ["a", "b"], "items": {"5": {"n": n}}}))
+        assert store.current_version() == (None if n == 1 else "alr-v1-x")   # not visible yet
+        store.commit(version, tmp)
+        assert cache.get(3).items[5] == {"n": n}
+    assert store.list_versions() == ["alr-v1-x", "alr-v2-x"]
+    assert store.next_version().startswith("alr-v3-")
+    half = store.begin("alr-v3-x")
+    store.clean_temp()
+    assert not half.exists() and store.current_version() == "alr-v2-x"
+
+
+# -- client auth ------------------------------------------------------------------------
+@pytest.mark.parametrize("key, legacy_enabled", [(LEGACY_TOKEN, True), (PAT, False), (PAT, True)],
+                         ids=["legacy", "pat-legacy-disabled", "pat"])
+def test_client_accepts_legacy_tokens_and_pats(key, legacy_enabled):
+    with FakeLabelStudio(legacy_enabled=legacy_enabled) as ls:
+        ls.add_project(1)
+        client = LabelStudioClient(ls.url, key)
+        assert client.get_project(1)["id"] == 1
+        assert key not in repr(client)
+
+
+def test_client_refuses_bad_key_without_logging_it(caplog):
+    with FakeLabelStudio(legacy_enabled=False) as ls:
+        ls.add_project(1)
+        with pytest.raises(LabelStudioAuthError) as err:
+            LabelStudioClient(ls.url, LEGACY_TOKEN).get_project(1)
+        assert LEGACY_TOKEN not in str(err.value) and LEGACY_TOKEN not in caplog.text
+        with pytest.raises(LabelStudioAuthError):
+            LabelStudioClient(ls.url, "wrong").get_project(1)
