@@ -1,7 +1,7 @@
 """Flask test-client tests of the backend app: /setup, /predict, /webhook, /health, bad input.
 
 Training runs in the in-process fallback (no redis) against a fake Label Studio API and the
-stand-in engine (tests/fake_engine.py), so a full train -> push -> predict cycle takes < 1 s.
+stand-in engine (tests/test_backend_fake_engine.py), so a full train -> push -> predict cycle takes < 1 s.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ml_backend.app import create_app
 from ml_backend.settings import Settings
 from ml_backend.store import ProjectStore
 from ml_backend.training import run_training_job
-from tests.fake_label_studio import DIGITS_CONFIG, LEGACY_TOKEN, PAT, FakeLabelStudio, png_bytes
+from tests.test_backend_fake_ls import DIGITS_CONFIG, LEGACY_TOKEN, PAT, FakeLabelStudio, png_bytes
 
 # pixel value per class: 0 -> dark, 1 -> mid, 2 -> bright
 PIXEL = {0: 20, 1: 128, 2: 235}
@@ -117,7 +117,7 @@ def test_relabel_budget_stops_retraining(fake_ls, monkeypatch):
 
 
 def test_failed_training_leaves_no_half_written_version(fake_ls, monkeypatch):
-    import tests.fake_engine as fe
+    import tests.test_backend_fake_engine as fe
 
     def boom(*a, **k):
         raise RuntimeError("engine crashed")

@@ -10,7 +10,7 @@ from ml_backend.labels import extract_labels, extract_task_labels
 from ml_backend.ls_client import LabelStudioAuthError, LabelStudioClient
 from ml_backend.settings import Settings
 from ml_backend.store import ProjectStore, ResultsCache
-from tests.fake_label_studio import DIGITS_CONFIG, LEGACY_TOKEN, PAT, FakeLabelStudio
+from tests.test_backend_fake_ls import DIGITS_CONFIG, LEGACY_TOKEN, PAT, FakeLabelStudio
 
 INFO = parse_label_config(DIGITS_CONFIG)
 
