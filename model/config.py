@@ -1,0 +1,91 @@
+"""The one configuration of the engine: training, VoG, selection and fine-tuning."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from model.networks import ARCHS
+from model.vog import VOG_METHODS
+
+SELECTION_MODES = ("global", "class_balanced")
+AUGMENTATIONS = ("none", "shift", "shift_flip")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Hyperparameters, with defaults that suit small images on a CPU.
+
+    The original MICCAI setting (ResNet-18 at 224 px, 50 epochs, batch 256, lr 0.01,
+    Tk 10, W 5, mix 0.2) is reachable by setting the fields; the defaults differ
+    where small data from scratch wants it (a higher learning rate, fewer epochs).
+    """
+
+    # network
+    arch: str = "auto"                  # "auto" | "smallcnn" | "resnet18" | "resnet34" | "resnet50"
+    image_size: int = 32                # images are resized to this square size by load_image
+    pretrained_weights: str | None = None   # None | "imagenet" (torch cache only) | a file path
+    dropout: float = 0.2
+    # Phase 1: Co-teaching
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    forget_rate: float | None = None    # None = estimated from the data (see estimate_forget_rate)
+    max_forget_rate: float = 0.8        # cap on the estimate: Co-teaching must keep something to learn from
+    estimate_epochs: int = 8            # epochs of each cross-fitting fold when the forget rate is estimated
+    estimate_folds: int = 2             # folds of that cross-fitting
+    tk: int = 10                        # epochs of the forget-rate ramp; VoG joins the selection after it
+    vog_window: int = 5                 # W: snapshots per sample in the VoG ring buffer
+    mix_ratio: float = 0.2              # share of the kept samples chosen by smallest VoG after Tk
+    vog_method: str = "last_layer"      # "last_layer" (analytic, no backward) | "input_gradient" (Agarwal et al.)
+    selection: str = "global"           # "global" (the original) | "class_balanced" (a quota per class)
+    augment: str = "shift"              # "none" | "shift" | "shift_flip" (flips are wrong for digits)
+    # Phase 2: fine-tuning on the trusted set
+    finetune_epochs: int = 10
+    finetune_lr: float = 0.01
+    # relabel ranking
+    rarity_weight: float = 1.0          # g of selection.rank.relabel_priority: 0 = probability the label is wrong
+    # runtime
+    device: str = "auto"                # "auto" | "cuda" | "mps" | "cpu"
+    amp: bool = True                    # float16 mixed precision on CUDA only
+    seed: int = 0
+    eval_batch_size: int = 512
+    mc_dropout_passes: int = 0          # > 0: also compute MC-dropout probabilities (for BALD)
+
+    def __post_init__(self):
+        checks = [
+            (self.arch in ("auto", *ARCHS), f"arch must be one of {('auto', *ARCHS)}"),
+            (self.vog_method in VOG_METHODS, f"vog_method must be one of {VOG_METHODS}"),
+            (self.selection in SELECTION_MODES, f"selection must be one of {SELECTION_MODES}"),
+            (self.augment in AUGMENTATIONS, f"augment must be one of {AUGMENTATIONS}"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.finetune_epochs >= 0, "finetune_epochs must be >= 0"),
+            (self.batch_size >= 2, "batch_size must be >= 2"),
+            (self.image_size >= 8, "image_size must be >= 8"),
+            (self.forget_rate is None or 0.0 <= self.forget_rate < 1.0, "forget_rate must be in [0, 1)"),
+            (0.0 <= self.max_forget_rate < 1.0, "max_forget_rate must be in [0, 1)"),
+            (0.0 <= self.mix_ratio <= 1.0, "mix_ratio must be in [0, 1]"),
+            (self.tk >= 1, "tk must be >= 1"),
+            (2 <= self.vog_window <= self.tk,
+             "vog_window must be in [2, tk] so that VoG scores exist when they join the selection after tk"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.estimate_epochs >= 1, "estimate_epochs must be >= 1"),
+            (self.estimate_folds >= 2, "estimate_folds must be >= 2"),
+            (self.rarity_weight >= 0, "rarity_weight must be >= 0"),
+            (self.mc_dropout_passes >= 0, "mc_dropout_passes must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid EngineConfig: {message}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown EngineConfig fields: {sorted(unknown)}")
+        return cls(**values)

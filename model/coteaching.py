@@ -1,0 +1,521 @@
+"""Phase 1 (Co-teaching with loss + VoG sample selection) and Phase 2 fine-tuning.
+
+Read ../shared/ALGORITHM.md first.  The named steps:
+
+* :func:`forget_rate_schedule` - the linear ramp from 0 to tau over the first Tk epochs;
+* :func:`select_clean_batch` - which samples of a mini-batch a network believes clean;
+* :func:`train_one_epoch` - one Co-teaching epoch, each network updated on its peer's pick;
+* :func:`record_vog_snapshot` - the eval-mode pass that feeds the VoG ring buffers;
+* :func:`estimate_forget_rate` - tau from the data when the user does not give it;
+* :func:`train_coteaching` - Phase 1 from start (or a checkpoint) to the LNL clean set;
+* :func:`finetune` - Phase 2 on the trusted set, with a cosine schedule over its own epochs;
+* :func:`predict` - eval-mode probabilities and features, handed on as numpy;
+* :func:`save_checkpoint` / :func:`load_checkpoint` - one dict, written atomically.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from model.config import EngineConfig
+from model.data import augment_batch, channel_stats
+from model.device import autocast, make_grad_scaler, seed_everything, select_device
+from model.networks import build_network, default_small_input_stem
+from model.vog import VoGBuffer, input_gradient, last_layer_gradient
+from selection.metrics import macro_f1
+from selection.scores import estimate_noise_rate
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+Progress = Callable[[str, float], None]
+
+
+# --------------------------------------------------------------------------- schedule and selection
+
+def forget_rate_schedule(epoch: int, *, forget_rate: float, tk: int) -> float:
+    """Forget rate at ``epoch`` (1-based): 0 at epoch 1, rising linearly to tau at epoch tk, then tau."""
+    if tk <= 1:
+        return forget_rate
+    return forget_rate * min((epoch - 1) / (tk - 1), 1.0)
+
+
+def select_clean_batch(losses: torch.Tensor, vog_scores: torch.Tensor | None, labels: torch.Tensor,
+                       trusted: torch.Tensor, *, forget_rate: float, mix_ratio: float,
+                       class_balanced: bool) -> torch.Tensor:
+    """Boolean mask of the samples of one batch that a network believes clean.
+
+    Trusted (expert-labelled) samples are always kept and take no part in the
+    ranking.  Of the B untrusted samples, n = int((1 - forget_rate) * B) are kept:
+    with ``vog_scores`` None, the n smallest losses; otherwise the
+    int(n * (1 - mix_ratio)) smallest losses plus the int(n * mix_ratio) smallest
+    VoG scores among the rest.  ``class_balanced`` applies the same rule within
+    each given label, keeping ceil((1 - forget_rate) * B_c) of class c: with
+    int() a class seen once in a batch would never be kept, which is exactly the
+    minority loss the per-class variant exists to prevent.
+    """
+    keep = trusted.clone()
+    candidates = torch.nonzero(~trusted, as_tuple=True)[0]
+    if candidates.numel() == 0:
+        return keep
+    groups = [candidates] if not class_balanced else [
+        candidates[labels[candidates] == c] for c in torch.unique(labels[candidates])]
+    for group in groups:
+        if class_balanced:
+            n_keep = math.ceil((1.0 - forget_rate) * group.numel())
+        else:
+            n_keep = int((1.0 - forget_rate) * group.numel())
+        keep[_smallest_loss_then_vog(group, losses, vog_scores, n_keep, mix_ratio)] = True
+    return keep
+
+
+def _smallest_loss_then_vog(group, losses, vog_scores, n_keep, mix_ratio):
+    if vog_scores is None:
+        return group[torch.argsort(losses[group])[:n_keep]]
+    n_vog = int(n_keep * mix_ratio)
+    n_loss = int(n_keep * (1.0 - mix_ratio))
+    by_loss = torch.argsort(losses[group])
+    chosen_by_loss = group[by_loss[:n_loss]]
+    rest = group[by_loss[n_loss:]]
+    chosen_by_vog = rest[torch.argsort(vog_scores[rest])[:n_vog]]
+    return torch.cat([chosen_by_loss, chosen_by_vog])
+
+
+# --------------------------------------------------------------------------- state
+
+@dataclass
+class TrainingState:
+    """Everything Phase 1 needs to resume and everything scoring needs afterwards."""
+
+    networks: list[nn.Module]
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
+    vog_buffers: list[VoGBuffer]
+    network_spec: dict
+    forget_rate: float
+    epoch: int = 0
+    phase: str = "coteaching"           # "coteaching" while Phase 1 runs, then "trained"
+    lnl_clean_mask: torch.Tensor | None = None
+    best_states: list[dict] | None = None
+    best_score: float = -math.inf
+    history: list[dict] = field(default_factory=list)
+    generator_state: torch.Tensor | None = None
+
+
+def build_networks(network_spec: dict, config: EngineConfig, device: torch.device) -> list[nn.Module]:
+    """The two Co-teaching networks; different random initialisations from one seed."""
+    return [build_network(config.arch, dropout=config.dropout, pretrained_weights=config.pretrained_weights,
+                          **network_spec).to(device) for _ in range(2)]
+
+
+def _sgd(network: nn.Module, lr: float, config: EngineConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(network.parameters(), lr=lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def network_spec_for(images: torch.Tensor, num_classes: int, config: EngineConfig) -> dict:
+    """What build_network needs besides the config, derived from the training images."""
+    mean, std = channel_stats(images)
+    image_size = int(images.shape[-1])
+    return {"num_classes": num_classes, "in_channels": int(images.shape[1]), "image_size": image_size,
+            "mean": mean, "std": std,
+            "small_input_stem": default_small_input_stem(image_size, config.pretrained_weights)}
+
+
+def new_training_state(images: torch.Tensor, num_classes: int, config: EngineConfig,
+                       device: torch.device, forget_rate: float) -> TrainingState:
+    network_spec = network_spec_for(images, num_classes, config)
+    networks = build_networks(network_spec, config, device)
+    optimizers = [_sgd(net, config.lr, config) for net in networks]
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs) for opt in optimizers]
+    dim = _vog_dim(networks[0], images, config)
+    buffers = [VoGBuffer(len(images), dim, config.vog_window) for _ in networks]
+    return TrainingState(networks, optimizers, schedulers, buffers, network_spec, forget_rate)
+
+
+def _vog_dim(network: nn.Module, images: torch.Tensor, config: EngineConfig) -> int:
+    if config.vog_method == "input_gradient":
+        return int(np.prod(images.shape[1:]))
+    return network.classifier.in_features + 1
+
+
+# --------------------------------------------------------------------------- one epoch
+
+def train_one_epoch(state: TrainingState, images: torch.Tensor, labels: torch.Tensor, trusted: torch.Tensor,
+                    *, config: EngineConfig, device: torch.device, scaler, generator: torch.Generator,
+                    forget_rate: float, vog_scores: list[torch.Tensor] | None,
+                    progress_bar: bool = True) -> dict:
+    """One Co-teaching epoch.  Returns the epoch's figures and network 1's clean mask.
+
+    Each network ranks the batch with its own losses (and VoG); network 1 is
+    updated on network 2's pick and vice versa, with the loss summed over the
+    pick and divided by its size.
+    """
+    for net in state.networks:
+        net.train()
+    num_samples = len(images)
+    order = torch.randperm(num_samples, generator=generator)
+    clean_mask_net1 = torch.zeros(num_samples, dtype=torch.bool)
+    totals = {"loss": 0.0, "kept": 0, "seen": 0}
+    batches = range(0, num_samples, config.batch_size)
+    for start in tqdm(batches, desc=f"epoch {state.epoch + 1}", leave=False, disable=not progress_bar):
+        idx = order[start:start + config.batch_size]
+        if idx.numel() < 2:  # BatchNorm cannot train on a batch of one
+            continue
+        x = augment_batch(images[idx].to(device, non_blocking=True), mode=config.augment, generator=generator)
+        y = labels[idx].to(device)
+        batch_trusted = trusted[idx].to(device)
+        with autocast(device, enabled=config.amp):
+            logits = [net(x) for net in state.networks]
+            losses = [F.cross_entropy(out.float(), y, reduction="none") for out in logits]
+        picks = [select_clean_batch(loss.detach(), None if vog_scores is None else vog[idx].to(device),
+                                    y, batch_trusted, forget_rate=forget_rate, mix_ratio=config.mix_ratio,
+                                    class_balanced=config.selection == "class_balanced")
+                 for loss, vog in zip(losses, vog_scores or [None, None])]
+        # Co-teaching: each network learns from the samples its PEER believes clean.
+        update_losses = [losses[0][picks[1]].mean(), losses[1][picks[0]].mean()]
+        for opt in state.optimizers:
+            opt.zero_grad(set_to_none=True)
+        total = update_losses[0] + update_losses[1]
+        if scaler is not None:
+            scaler.scale(total).backward()
+            for opt in state.optimizers:
+                scaler.step(opt)
+            scaler.update()
+        else:
+            total.backward()
+            for opt in state.optimizers:
+                opt.step()
+        clean_mask_net1[idx[picks[0].cpu()]] = True
+        totals["loss"] += float(total.detach()) * idx.numel() / 2
+        totals["kept"] += int(picks[0].sum())
+        totals["seen"] += idx.numel()
+    for sched in state.schedulers:
+        sched.step()
+    return {"train_loss": totals["loss"] / max(totals["seen"], 1),
+            "kept_fraction": totals["kept"] / max(totals["seen"], 1),
+            "clean_mask": clean_mask_net1}
+
+
+# --------------------------------------------------------------------------- eval passes
+
+def _forward_in_batches(network: nn.Module, images: torch.Tensor, *, device, batch_size, config,
+                        each: Callable[[slice, torch.Tensor, torch.Tensor, torch.Tensor], None]) -> None:
+    """Eval-mode pass over un-augmented images; ``each(batch_slice, x, probs, features)`` per batch."""
+    network.eval()
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = slice(start, start + batch_size)
+            x = images[batch].to(device, non_blocking=True)
+            with autocast(device, enabled=config.amp):
+                features = network.forward_features(x)
+                logits = network.head(features)
+            each(batch, x, torch.softmax(logits.float(), dim=1), features.float())
+
+
+def record_vog_snapshot(state: TrainingState, images: torch.Tensor, labels: torch.Tensor, *,
+                        config: EngineConfig, device: torch.device) -> None:
+    """Write this epoch's gradient snapshot of every sample into each network's ring buffer."""
+    for net, buffer in zip(state.networks, state.vog_buffers):
+        if config.vog_method == "input_gradient":
+            net.eval()
+            for start in range(0, len(images), config.eval_batch_size):
+                batch = slice(start, start + config.eval_batch_size)
+                grad = input_gradient(net, images[batch].to(device), labels[batch].to(device))
+                buffer.write(torch.arange(len(images))[batch], grad)
+        else:
+            def write(batch, _x, probs, features, buffer=buffer):
+                snapshot = last_layer_gradient(probs, features, labels[batch].to(device))
+                buffer.write(torch.arange(len(images))[batch], snapshot)
+            _forward_in_batches(net, images, device=device, batch_size=config.eval_batch_size,
+                                config=config, each=write)
+        buffer.commit()
+
+
+def predict(networks: list[nn.Module], images: torch.Tensor, *, config: EngineConfig,
+            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Mean softmax of the networks (N, K) and network 1's penultimate features (N, D), as numpy."""
+    probs_sum = None
+    features_out = None
+    for index, net in enumerate(networks):
+        probs_parts, feature_parts = [], []
+
+        def collect(_batch, _x, probs, features):
+            probs_parts.append(probs.cpu())
+            if index == 0:
+                feature_parts.append(features.cpu())
+        _forward_in_batches(net, images, device=device, batch_size=config.eval_batch_size, config=config,
+                            each=collect)
+        probs = torch.cat(probs_parts).double()
+        probs_sum = probs if probs_sum is None else probs_sum + probs
+        if index == 0:
+            features_out = torch.cat(feature_parts).numpy()
+    return (probs_sum / len(networks)).numpy(), features_out
+
+
+def mc_dropout_probs(networks: list[nn.Module], images: torch.Tensor, *, passes: int, config: EngineConfig,
+                     device: torch.device) -> np.ndarray:
+    """(passes, N, K) softmax with dropout active and BatchNorm frozen, for BALD.
+
+    The features are computed once per network in eval mode; only the dropout
+    before the classifier is sampled, which is where the networks have dropout.
+    """
+    samples = []
+    for net in networks:
+        feats = []
+        _forward_in_batches(net, images, device=device, batch_size=config.eval_batch_size, config=config,
+                            each=lambda _b, _x, _p, features: feats.append(features))
+        features = torch.cat(feats)
+        net.dropout.train()
+        with torch.inference_mode():
+            for _ in range(max(passes // len(networks), 1)):
+                samples.append(torch.softmax(net.head(features).float(), dim=1).cpu().double())
+        net.dropout.eval()
+    return torch.stack(samples).numpy()
+
+
+# --------------------------------------------------------------------------- forget rate
+
+def estimate_forget_rate(images: torch.Tensor, labels: torch.Tensor, trusted: torch.Tensor, num_classes: int,
+                         *, config: EngineConfig, device: torch.device, generator: torch.Generator,
+                         progress: Progress | None = None) -> float:
+    """Estimate the share of wrong labels among the untrusted samples.
+
+    K-fold cross-fitting (``estimate_folds``): a network is trained with plain
+    cross-entropy for ``estimate_epochs`` epochs on the other folds and predicts
+    the held-out one, so every sample gets an out-of-sample probability.  The
+    confident-joint estimate (selection.scores.estimate_noise_rate) turns those
+    into a noise rate, which is capped at ``max_forget_rate``.  The estimate
+    counts the folds' own classification errors as noise too, so it runs high
+    when a class is too small to learn (measured in benchmarks/RESULTS.md).
+    Its cost is about ``estimate_epochs * (K - 1)`` epochs of one network.
+    """
+    untrusted_idx = torch.nonzero(~trusted, as_tuple=True)[0]
+    if untrusted_idx.numel() < 4 * num_classes:
+        logger.info("Too few untrusted samples (%d) to estimate the noise rate; using forget rate 0",
+                    untrusted_idx.numel())
+        return 0.0
+    folds = config.estimate_folds
+    fold_of = torch.randperm(untrusted_idx.numel(), generator=generator) % folds
+    out_of_fold = np.zeros((untrusted_idx.numel(), num_classes))
+    spec = network_spec_for(images, num_classes, config)
+    for fold in range(folds):
+        train_idx = untrusted_idx[fold_of != fold]
+        net = build_network(config.arch, dropout=config.dropout, pretrained_weights=config.pretrained_weights,
+                            **spec).to(device)
+        opt = _sgd(net, config.lr, config)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.estimate_epochs)
+        for epoch in range(config.estimate_epochs):
+            _train_plain_epoch(net, opt, images[train_idx], labels[train_idx], config=config, device=device,
+                               generator=generator)
+            sched.step()
+            if progress:
+                progress("estimating noise rate", (fold * config.estimate_epochs + epoch + 1)
+                         / (folds * config.estimate_epochs))
+        held_out = (fold_of == fold).numpy()
+        probs, _ = predict([net], images[untrusted_idx[fold_of == fold]], config=config, device=device)
+        out_of_fold[held_out] = probs
+    rate = estimate_noise_rate(labels[untrusted_idx].numpy(), out_of_fold)
+    capped = min(rate, config.max_forget_rate)
+    logger.info("Estimated noise rate %.3f from %d untrusted samples (%d-fold cross-fitting, %d epochs); "
+                "forget rate %.3f. Set forget_rate to override.", rate, untrusted_idx.numel(), folds,
+                config.estimate_epochs, capped)
+    return capped
+
+
+def _train_plain_epoch(net, opt, images, labels, *, config, device, generator, sample_mask=None):
+    """One epoch of plain cross-entropy (the noise-rate folds and Phase 2 fine-tuning)."""
+    net.train()
+    order = torch.randperm(len(images), generator=generator)
+    for start in range(0, len(images), config.batch_size):
+        idx = order[start:start + config.batch_size]
+        if idx.numel() < 2:
+            continue
+        x = augment_batch(images[idx].to(device), mode=config.augment, generator=generator)
+        with autocast(device, enabled=config.amp):
+            loss = F.cross_entropy(net(x).float(), labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+# --------------------------------------------------------------------------- Phase 1
+
+def train_coteaching(images: torch.Tensor, labels: torch.Tensor, *, num_classes: int,
+                     trusted: torch.Tensor | None = None, config: EngineConfig,
+                     val_images: torch.Tensor | None = None, val_labels: torch.Tensor | None = None,
+                     checkpoint_path: str | os.PathLike | None = None, resume: bool = False,
+                     checkpoint_extra: dict | None = None, progress: Progress | None = None,
+                     progress_bar: bool = True) -> TrainingState:
+    """Phase 1: Co-teaching with loss selection up to Tk, loss U VoG selection after.
+
+    ``images`` (N, C, H, W) float in [0, 1] and ``labels`` (N,) long stay on the
+    CPU; batches move to the device.  With validation data the networks of the
+    epoch with the best ensemble macro-F1 are kept for Phase 2 (the original went
+    on from the last epoch).  The LNL clean set is network 1's selection in the
+    final epoch, plus every trusted sample.  With ``checkpoint_path`` a checkpoint
+    is written atomically after every epoch; ``resume`` continues from it.
+    """
+    device = select_device(config.device)
+    generator = seed_everything(config.seed)
+    trusted = torch.zeros(len(labels), dtype=torch.bool) if trusted is None else trusted
+    scaler = make_grad_scaler(device, enabled=config.amp)
+    if resume and checkpoint_path and Path(checkpoint_path).is_file():
+        state, _ = load_checkpoint(checkpoint_path, device=device, config=config)
+        if state.generator_state is not None:
+            generator.set_state(state.generator_state)
+        logger.info("Resuming Phase 1 from %s at epoch %d/%d", checkpoint_path, state.epoch, config.epochs)
+    else:
+        forget_rate = config.forget_rate
+        if forget_rate is None:
+            forget_rate = estimate_forget_rate(images, labels, trusted, num_classes, config=config,
+                                               device=device, generator=generator, progress=progress)
+        state = new_training_state(images, num_classes, config, device, forget_rate)
+    first_vog_epoch = max(1, config.tk - config.vog_window + 1)
+    while state.epoch < config.epochs:
+        epoch = state.epoch + 1
+        rate = forget_rate_schedule(epoch, forget_rate=state.forget_rate, tk=config.tk)
+        use_vog = epoch > config.tk and config.mix_ratio > 0 and all(b.ready for b in state.vog_buffers)
+        vog_scores = [torch.from_numpy(b.scores()).float() for b in state.vog_buffers] if use_vog else None
+        stats = train_one_epoch(state, images, labels, trusted, config=config, device=device, scaler=scaler,
+                                generator=generator, forget_rate=rate, vog_scores=vog_scores,
+                                progress_bar=progress_bar)
+        if epoch >= first_vog_epoch:
+            record_vog_snapshot(state, images, labels, config=config, device=device)
+        state.epoch = epoch
+        state.lnl_clean_mask = stats.pop("clean_mask") | trusted
+        record = {"epoch": epoch, "forget_rate": rate, "vog_selection": use_vog, **stats}
+        if val_images is not None:
+            val_probs, _ = predict(state.networks, val_images, config=config, device=device)
+            record["val_macro_f1"] = macro_f1(val_labels.numpy(), val_probs.argmax(1), num_classes=num_classes)
+            if record["val_macro_f1"] > state.best_score:
+                state.best_score = record["val_macro_f1"]
+                state.best_states = [copy.deepcopy(net.state_dict()) for net in state.networks]
+        logger.info("epoch %d/%d: forget rate %.3f, kept %.3f, loss %.4f%s%s", epoch, config.epochs, rate,
+                    stats["kept_fraction"], stats["train_loss"], ", VoG selection" if use_vog else "",
+                    f", val macro-F1 {record['val_macro_f1']:.4f}" if "val_macro_f1" in record else "")
+        state.history.append(record)
+        state.generator_state = generator.get_state()
+        if progress:
+            progress("co-teaching", epoch / config.epochs)
+        if checkpoint_path:
+            save_checkpoint(state, checkpoint_path, config=config, extra=checkpoint_extra)
+    if state.best_states is not None:
+        for net, best in zip(state.networks, state.best_states):
+            net.load_state_dict(best)
+    state.phase = "trained"
+    return state
+
+
+# --------------------------------------------------------------------------- Phase 2
+
+def finetune(state: TrainingState, images: torch.Tensor, labels: torch.Tensor, train_mask: torch.Tensor, *,
+             config: EngineConfig, progress: Progress | None = None) -> None:
+    """Phase 2: fine-tune both networks with cross-entropy on the trusted set.
+
+    A fresh SGD optimiser per round with a cosine schedule over this round's own
+    ``finetune_epochs`` (the original used the number of rounds as the period).
+    """
+    train_idx = torch.nonzero(train_mask, as_tuple=True)[0]
+    if train_idx.numel() < 2:
+        raise ValueError(f"the trusted set has {train_idx.numel()} samples; fine-tuning needs at least 2")
+    device = select_device(config.device)
+    generator = seed_everything(config.seed + state.epoch + 1)
+    x, y = images[train_idx], labels[train_idx]
+    for net in state.networks:
+        opt = _sgd(net, config.finetune_lr, config)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.finetune_epochs, 1))
+        for epoch in range(config.finetune_epochs):
+            _train_plain_epoch(net, opt, x, y, config=config, device=device, generator=generator)
+            sched.step()
+            if progress:
+                progress("fine-tuning", (epoch + 1) / config.finetune_epochs)
+    state.epoch += config.finetune_epochs
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(state: TrainingState, path: str | os.PathLike, *, config: EngineConfig,
+                    extra: dict | None = None) -> None:
+    """Write one checkpoint dict atomically: a temporary file in the same folder, then rename.
+
+    A reader never sees a half-written file, and a crash mid-write leaves the
+    previous checkpoint intact.
+    """
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "config": config.to_dict(),
+        "network_spec": state.network_spec,
+        "networks": [net.state_dict() for net in state.networks],
+        "optimizers": [opt.state_dict() for opt in state.optimizers],
+        "schedulers": [sched.state_dict() for sched in state.schedulers],
+        "vog_buffers": [buffer.state_dict() for buffer in state.vog_buffers],
+        "forget_rate": state.forget_rate,
+        "epoch": state.epoch,
+        "phase": state.phase,
+        "lnl_clean_mask": state.lnl_clean_mask,
+        "best_states": state.best_states,
+        "best_score": state.best_score,
+        "history": state.history,
+        "generator_state": state.generator_state,
+        **(extra or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as tmp:
+            torch.save(checkpoint, tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: torch.device | None = None,
+                    config: EngineConfig | None = None) -> tuple[TrainingState, dict]:
+    """Rebuild the training state from a checkpoint; returns it and the raw dict (for extras).
+
+    Loaded with ``weights_only=True``: a checkpoint is data, never code.  The
+    networks are rebuilt from the stored spec and loaded strictly.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint of this version (format {checkpoint.get('format')!r})")
+    saved_config = EngineConfig.from_dict(checkpoint["config"])
+    config = config or saved_config
+    device = device or select_device(config.device)
+    spec = checkpoint["network_spec"]
+    networks = [build_network(saved_config.arch, dropout=saved_config.dropout, pretrained_weights=None, **spec)
+                for _ in range(2)]
+    for net, weights in zip(networks, checkpoint["networks"]):
+        net.load_state_dict(weights, strict=True)
+        net.to(device)
+    optimizers = [_sgd(net, config.lr, config) for net in networks]
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs) for opt in optimizers]
+    for opt, sched, opt_state, sched_state in zip(optimizers, schedulers, checkpoint["optimizers"],
+                                                  checkpoint["schedulers"]):
+        opt.load_state_dict(opt_state)
+        sched.load_state_dict(sched_state)
+    state = TrainingState(
+        networks=networks, optimizers=optimizers, schedulers=schedulers,
+        vog_buffers=[VoGBuffer.from_state_dict(b) for b in checkpoint["vog_buffers"]],
+        network_spec=spec, forget_rate=float(checkpoint["forget_rate"]), epoch=int(checkpoint["epoch"]),
+        phase=checkpoint["phase"], lnl_clean_mask=checkpoint["lnl_clean_mask"],
+        best_states=checkpoint["best_states"], best_score=float(checkpoint["best_score"]),
+        history=list(checkpoint["history"]), generator_state=checkpoint.get("generator_state"))
+    return state, checkpoint

@@ -1,0 +1,121 @@
+"""Images in, tensors out: validation, decoding, resizing and augmentation."""
+from __future__ import annotations
+
+import io
+import os
+from typing import BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+
+def as_image_array(images) -> np.ndarray:
+    """Validate images and return them as one (N, H, W, C) array, uint8 or float32 in [0, 1].
+
+    Accepts an array (N, H, W) / (N, H, W, C) or a sequence of (H, W) / (H, W, C)
+    arrays.  Images of different sizes or channel counts are refused with the
+    index of the first odd one: resize them first (``load_image`` does it for
+    files) rather than let torch fail deep inside a batch.
+    """
+    if isinstance(images, np.ndarray):
+        array = images
+    else:
+        items = [np.asarray(image) for image in images]
+        if not items:
+            raise ValueError("no images given")
+        first = _with_channels(items[0]).shape
+        for index, item in enumerate(items):
+            if _with_channels(item).shape != first:
+                raise ValueError(
+                    f"images have different sizes or channels: image 0 is {first} (H, W, C) and image "
+                    f"{index} is {_with_channels(item).shape}; resize them to one size (load_image(path, "
+                    "image_size=..., channels=...) does) before training")
+        array = np.stack([_with_channels(item) for item in items])
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4:
+        raise ValueError(f"images must be (N, H, W) or (N, H, W, C), got shape {array.shape}")
+    if len(array) == 0:
+        raise ValueError("no images given")
+    if array.shape[-1] not in (1, 3):
+        if array.shape[1] in (1, 3) and array.shape[-1] > 4:
+            raise ValueError(f"images look channels-first {array.shape}; give them as (N, H, W, C)")
+        raise ValueError(f"images must have 1 or 3 channels, got {array.shape[-1]} (shape {array.shape})")
+    if array.dtype == np.uint8:
+        return array
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(f"images must be uint8 (0-255) or float (0-1), got dtype {array.dtype}")
+    if not np.isfinite(array).all():
+        raise ValueError("images contain NaN or infinite values")
+    if array.min() < 0.0 or array.max() > 1.0:
+        raise ValueError(f"float images must lie in [0, 1], got range [{array.min():.3g}, {array.max():.3g}]; "
+                         "scale them (or pass uint8)")
+    return array.astype(np.float32, copy=False)
+
+
+def _with_channels(image: np.ndarray) -> np.ndarray:
+    return image[..., None] if image.ndim == 2 else image
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) uint8 or float in [0, 1] -> float32 tensor (N, C, H, W) in [0, 1]."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    if tensor.dtype == torch.uint8:
+        return tensor.float().div_(255.0)
+    return tensor.float()
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of (N, C, H, W) images, for the network's normalisation."""
+    mean = images.mean(dim=(0, 2, 3))
+    std = images.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return mean.tolist(), std.tolist()
+
+
+def load_image(source: str | os.PathLike | bytes | BinaryIO, *, image_size: int, channels: int) -> np.ndarray:
+    """Decode one image file and return it resized to (image_size, image_size, channels) uint8.
+
+    Grey images become RGB and RGB become grey as ``channels`` asks; 16-bit and
+    palette images are converted.  A file that cannot be decoded raises
+    ValueError naming it, so a caller can skip it and say which one.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    name = source if isinstance(source, (str, os.PathLike)) else "<bytes>"
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else source
+        with Image.open(handle) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                pixels = np.asarray(image, dtype=np.float64)
+                span = max(pixels.max() - pixels.min(), 1.0)
+                image = Image.fromarray(((pixels - pixels.min()) / span * 255).astype(np.uint8))
+            image = image.convert("L" if channels == 1 else "RGB")
+            image = image.resize((image_size, image_size), Image.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot read image {name}: {error}") from error
+    return array[..., None] if channels == 1 else array
+
+
+def augment_batch(images: torch.Tensor, *, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to 1/8 of the image (and a horizontal flip with "shift_flip").
+
+    Done on the batch's own device with one affine resampling, so it costs the
+    same on a GPU as a DataLoader transform would without the worker processes.
+    """
+    if mode == "none":
+        return images
+    n = images.shape[0]
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.25  # affine_grid units: 0.25 = 1/8 image
+    scale_x = torch.ones(n)
+    if mode == "shift_flip":
+        scale_x = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = scale_x
+    theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

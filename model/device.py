@@ -1,0 +1,73 @@
+"""Device selection, mixed precision and seeding.
+
+Nothing here touches CUDA at import time: rq forks a child per job and gunicorn
+``--preload`` forks workers, and a CUDA context created in the parent does not
+survive a fork.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """Return the device to train on: CUDA, then Apple MPS, then the CPU.
+
+    ``preference`` may name a device ("cuda", "cuda:1", "mps", "cpu"); asking for
+    one that is not there is an error rather than a silent fall back to the CPU,
+    because a job that was meant for a GPU and runs 50x slower is worse than one
+    that fails at once.
+    """
+    if preference == "auto":
+        if torch.cuda.is_available():
+            device = torch.device("cuda")
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = torch.device("mps")
+        else:
+            device = torch.device("cpu")
+        logger.info("Training device: %s (auto-selected)", device)
+        return device
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {preference!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {preference!r} requested but Apple MPS is not available; use 'auto' or 'cpu'")
+    if device.type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"unsupported device {preference!r}; choose one of {DEVICE_CHOICES}")
+    return device
+
+
+def make_grad_scaler(device: torch.device, *, enabled: bool = True) -> torch.amp.GradScaler | None:
+    """A GradScaler for float16 mixed precision on CUDA, None elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def autocast(device: torch.device, *, enabled: bool = True):
+    """float16 autocast on CUDA; a no-op context on CPU and MPS (where it buys nothing reliable)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, numpy and torch; return a torch CPU generator for data order and augmentation.
+
+    With the same seed, runs on the CPU are reproducible bit for bit (the tests rely
+    on it); cuDNN kernels are not all deterministic, so GPU runs are only close.
+    """
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator

@@ -1,0 +1,196 @@
+"""The engine's front door: train (Phase 1 or Phase 2) and score, arrays in, arrays out.
+
+ml_backend/ and selection.simulate call only this module.  It knows nothing of
+Label Studio: samples are identified by ``sample_ids`` (task ids there, row
+numbers in a simulation) so that a later fine-tuning round can find the LNL
+clean set and VoG scores of the samples an earlier round saw.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from model.coteaching import (TrainingState, finetune, load_checkpoint, mc_dropout_probs, predict,
+                              save_checkpoint, train_coteaching)
+from model.config import EngineConfig
+from model.data import as_image_array, load_image, to_tensor
+from model.device import select_device
+from selection import rank, scores
+from selection._validation import check_labels
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EngineConfig", "EngineResult", "load_image", "train_and_score", "score_images"]
+
+
+@dataclass
+class EngineResult:
+    """Per-sample results, all (N,) in input order unless noted.  Higher priority = review sooner."""
+
+    sample_ids: np.ndarray
+    class_names: list[str]
+    labels: np.ndarray            # the labels trained on (-1 where unknown)
+    pred_probs: np.ndarray        # (N, K), mean of the two networks, eval mode, un-augmented
+    predicted_labels: np.ndarray
+    loss: np.ndarray              # cross-entropy under `labels` (NaN where unknown)
+    vog_scores: np.ndarray        # mean of the two networks' VoG (NaN where not tracked)
+    prob_label_wrong: np.ndarray  # in [0, 1] (NaN where unknown)
+    priority: np.ndarray          # in [0, 1]; 0 for trusted samples (already reviewed)
+    ls_score: np.ndarray          # 1 - priority: lower = review sooner (Label Studio's order)
+    lnl_clean_mask: np.ndarray    # bool: kept by the LNL phase (trusted samples included)
+    trusted_mask: np.ndarray      # bool: expert labels
+    embeddings: np.ndarray | None = None      # (N, D) network 1 features, for coreset
+    mc_pred_probs: np.ndarray | None = None   # (T, N, K) when config.mc_dropout_passes > 0
+    forget_rate: float | None = None
+    history: list[dict] | None = None
+
+
+def train_and_score(images, labels, *, sample_ids=None, class_names, trusted_mask=None,
+                    previous_checkpoint: str | os.PathLike | None = None,
+                    checkpoint_path: str | os.PathLike, config: EngineConfig | None = None,
+                    val_images=None, val_labels=None,
+                    progress: Callable[[str, float], None] | None = None,
+                    progress_bar: bool = True) -> EngineResult:
+    """Phase 1 (Co-teaching) without ``previous_checkpoint``, Phase 2 fine-tuning with it; then score.
+
+    Parameters
+    ----------
+    images : (N, H, W[, C]) uint8 or float in [0, 1], one size for all.
+    labels : (N,) int in [0, K): the given labels, with the experts' labels
+        already written in where ``trusted_mask`` is set.
+    sample_ids : (N,) int, stable ids (default 0..N-1).
+    class_names : K >= 2 names.
+    trusted_mask : (N,) bool, expert labels: always in the training set, never
+        discarded by the selection, priority 0.
+    previous_checkpoint : a checkpoint of an earlier call on (mostly) the same
+        samples.  Phase 2 fine-tunes it on its LNL clean set plus every trusted
+        sample.  A checkpoint of other classes or image shape is not
+        fine-tunable: Phase 1 runs again, with a log line saying why.
+    checkpoint_path : where the new checkpoint is written (atomically).
+    val_images, val_labels : optional clean validation data; Phase 1 keeps the
+        epoch with the best macro-F1 on it.
+    """
+    config = config or EngineConfig()
+    class_names = [str(name) for name in class_names]
+    if len(class_names) < 2:
+        raise ValueError(f"at least 2 classes are needed to train a classifier, got {class_names}")
+    images = as_image_array(images)
+    labels = check_labels(labels, len(class_names))
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(np.unique(labels)) < 2:
+        raise ValueError(f"the labels name a single class ({class_names[labels[0]]!r}); the noise-robust "
+                         "training needs samples of at least 2 classes")
+    sample_ids = np.arange(len(labels)) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
+    if sample_ids.shape != labels.shape or len(np.unique(sample_ids)) != len(sample_ids):
+        raise ValueError("sample_ids must be (N,) and unique")
+    trusted_mask = np.zeros(len(labels), bool) if trusted_mask is None else np.asarray(trusted_mask, bool)
+    if trusted_mask.shape != labels.shape:
+        raise ValueError(f"trusted_mask must have shape {labels.shape}, got {trusted_mask.shape}")
+
+    x, y, trusted = to_tensor(images), torch.from_numpy(labels), torch.from_numpy(trusted_mask)
+    val = (None, None) if val_images is None else (to_tensor(as_image_array(val_images)),
+                                                    torch.from_numpy(check_labels(val_labels, len(class_names))))
+    previous = _fine_tunable(previous_checkpoint, class_names, x, config)
+    extra = {"class_names": class_names, "sample_ids": torch.from_numpy(sample_ids),
+             "labels": y, "trusted_mask": trusted}
+    if previous is None:
+        state = train_coteaching(x, y, num_classes=len(class_names), trusted=trusted, config=config,
+                                 val_images=val[0], val_labels=val[1], checkpoint_path=checkpoint_path,
+                                 checkpoint_extra=extra, progress=progress, progress_bar=progress_bar)
+        vog = np.mean([buffer.scores() for buffer in state.vog_buffers], axis=0)
+    else:
+        state, saved = previous
+        position = _positions(saved["sample_ids"].numpy(), sample_ids)
+        seen = position >= 0
+        clean = np.zeros(len(labels), bool)
+        clean[seen] = saved["lnl_clean_mask"].numpy()[position[seen]]
+        state.lnl_clean_mask = torch.from_numpy(clean | trusted_mask)
+        logger.info("Phase 2: fine-tuning on %d trusted samples (%d LNL clean, %d expert labels) of %d",
+                    int(state.lnl_clean_mask.sum()), int(clean.sum()), int(trusted_mask.sum()), len(labels))
+        finetune(state, x, y, state.lnl_clean_mask, config=config, progress=progress)
+        vog = np.full(len(labels), np.nan)
+        vog[seen] = saved["vog_scores"].numpy()[position[seen]]
+    extra["vog_scores"] = torch.from_numpy(vog)
+    save_checkpoint(state, checkpoint_path, config=config, extra=extra)
+    result = _score(state, x, labels, sample_ids, class_names, trusted_mask, vog, config)
+    result.history = state.history
+    return result
+
+
+def score_images(checkpoint_path: str | os.PathLike, images, labels=None, *, sample_ids=None,
+                 config: EngineConfig | None = None) -> EngineResult:
+    """Forward pass only, for samples the model has never seen.
+
+    ``labels`` may be None or hold -1 where the given label is unknown; those
+    samples get NaN loss and probability-wrong and a priority from the model's
+    uncertainty alone (least confidence), so they still sort sensibly.
+    """
+    state, saved = load_checkpoint(checkpoint_path, device=None if config is None else select_device(config.device))
+    config = config or EngineConfig.from_dict(saved["config"])
+    class_names = list(saved["class_names"])
+    images = as_image_array(images)
+    labels = np.full(len(images), -1, np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    if labels.shape != (len(images),) or labels.min(initial=0) < -1 or labels.max(initial=0) >= len(class_names):
+        raise ValueError(f"labels must be (N,) in [-1, {len(class_names)}), -1 = unknown")
+    spec = state.network_spec
+    expected = (spec["image_size"], spec["image_size"], spec["in_channels"])
+    if images.shape[1:] != expected:
+        raise ValueError(f"images are {images.shape[1:]} but the model was trained on {expected} (H, W, C)")
+    sample_ids = np.arange(len(images)) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
+    return _score(state, to_tensor(images), labels, sample_ids, class_names, np.zeros(len(images), bool),
+                  np.full(len(images), np.nan), config)
+
+
+def _fine_tunable(previous_checkpoint, class_names, images: torch.Tensor, config: EngineConfig):
+    if previous_checkpoint is None:
+        return None
+    state, saved = load_checkpoint(previous_checkpoint, device=select_device(config.device), config=config)
+    spec = state.network_spec
+    if list(saved["class_names"]) != class_names:
+        logger.warning("The classes changed (%s -> %s): running Phase 1 again instead of fine-tuning",
+                       list(saved["class_names"]), class_names)
+        return None
+    if (spec["in_channels"], spec["image_size"]) != (images.shape[1], images.shape[-1]):
+        logger.warning("The image shape changed: running Phase 1 again instead of fine-tuning")
+        return None
+    return state, saved
+
+
+def _positions(saved_ids: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
+    """For each sample id, its row in the saved ids, or -1."""
+    lookup = {int(sid): row for row, sid in enumerate(saved_ids)}
+    return np.asarray([lookup.get(int(sid), -1) for sid in sample_ids], dtype=np.int64)
+
+
+def _score(state: TrainingState, images: torch.Tensor, labels: np.ndarray, sample_ids, class_names,
+           trusted_mask, vog, config: EngineConfig) -> EngineResult:
+    device = select_device(config.device)
+    pred_probs, embeddings = predict(state.networks, images, config=config, device=device)
+    pred_probs = pred_probs / pred_probs.sum(axis=1, keepdims=True)
+    known = labels >= 0
+    loss = np.full(len(labels), np.nan)
+    wrong = np.full(len(labels), np.nan)
+    priority = scores.least_confidence(pred_probs)
+    if known.sum() > 0:
+        loss[known] = scores.label_loss(labels[known], pred_probs[known])
+        wrong[known] = scores.prob_label_wrong(labels[known], pred_probs[known])
+        priority[known] = rank.relabel_priority(labels[known], pred_probs[known],
+                                                 rarity_weight=config.rarity_weight)
+    priority[trusted_mask] = 0.0
+    mc = None
+    if config.mc_dropout_passes > 0:
+        mc = mc_dropout_probs(state.networks, images, passes=config.mc_dropout_passes, config=config,
+                              device=device)
+    clean = state.lnl_clean_mask.numpy() if state.lnl_clean_mask is not None and \
+        len(state.lnl_clean_mask) == len(labels) else np.zeros(len(labels), bool)
+    return EngineResult(
+        sample_ids=sample_ids, class_names=class_names, labels=labels, pred_probs=pred_probs,
+        predicted_labels=pred_probs.argmax(axis=1), loss=loss, vog_scores=vog, prob_label_wrong=wrong,
+        priority=priority, ls_score=rank.priority_to_ls_score(priority), lnl_clean_mask=clean,
+        trusted_mask=trusted_mask, embeddings=embeddings, mc_pred_probs=mc, forget_rate=state.forget_rate)

@@ -1,0 +1,132 @@
+"""Per-sample scores from predicted probabilities.
+
+Direction, everywhere in selection/: a higher score means MORE likely
+mislabelled (or more uncertain, for the active-learning scores).  The Label
+Studio score, which runs the other way, is made once, in
+:func:`selection.rank.priority_to_ls_score`.
+
+All functions take ``labels`` (N,) int and/or ``pred_probs`` (N, K) and return
+numpy arrays; the predicted probabilities should not come from a model that
+memorised the given labels (Co-teaching networks, or out-of-fold predictions).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from selection._validation import check_labels_and_probs, check_pred_probs
+
+_EPS = 1e-12
+
+
+def label_loss(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:
+    """Cross-entropy of each sample under its given label, -log p[y]: (N,)."""
+    labels, pred_probs = check_labels_and_probs(labels, pred_probs)
+    return -np.log(np.clip(_given_label_probs(labels, pred_probs), _EPS, 1.0))
+
+
+def entropy(pred_probs: np.ndarray) -> np.ndarray:
+    """Predictive entropy in nats: (N,)."""
+    pred_probs = check_pred_probs(pred_probs)
+    return _entropy(pred_probs)
+
+
+def least_confidence(pred_probs: np.ndarray) -> np.ndarray:
+    """1 - max_k p_k: (N,)."""
+    return 1.0 - check_pred_probs(pred_probs).max(axis=1)
+
+
+def margin(pred_probs: np.ndarray) -> np.ndarray:
+    """1 - (p_first - p_second): (N,), so that a small margin ranks high like the other scores."""
+    top2 = np.sort(check_pred_probs(pred_probs), axis=1)[:, -2:]
+    return 1.0 - (top2[:, 1] - top2[:, 0])
+
+
+def bald(mc_pred_probs: np.ndarray) -> np.ndarray:
+    """BALD mutual information from T stochastic passes (T, N, K): H[mean p] - mean H[p]: (N,).
+
+    Only meaningful when the passes really differ (MC dropout active at
+    prediction time, as model.coteaching.mc_dropout_probs does).
+    """
+    mc_pred_probs = np.asarray(mc_pred_probs, dtype=np.float64)
+    if mc_pred_probs.ndim != 3 or mc_pred_probs.shape[0] < 2:
+        raise ValueError(f"mc_pred_probs must be (T >= 2, N, K), got shape {mc_pred_probs.shape}")
+    for pass_probs in mc_pred_probs:
+        check_pred_probs(pass_probs, name="mc_pred_probs[t]")
+    mean_entropy = np.mean([_entropy(p) for p in mc_pred_probs], axis=0)
+    return np.maximum(_entropy(mc_pred_probs.mean(axis=0)) - mean_entropy, 0.0)
+
+
+def class_thresholds(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:
+    """Per class k, the mean predicted probability of k over the samples labelled k: (K,).
+
+    A class the model finds hard (often a rare one) gets a low threshold.  A
+    class with no sample keeps the uniform 1/K.
+    """
+    labels, pred_probs = check_labels_and_probs(labels, pred_probs)
+    return _class_thresholds(labels, pred_probs)
+
+
+def calibrated_pred_probs(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:
+    """pred_probs divided by the class thresholds and renormalised: (N, K).
+
+    Imbalance pushes a classifier's probabilities towards the common classes, so a
+    clean sample of a rare class looks unlikely under its label.  Dividing by
+    each class's own typical self-confidence (the threshold of confident
+    learning) removes that bias before the probabilities are read as evidence.
+    """
+    labels, pred_probs = check_labels_and_probs(labels, pred_probs)
+    return _calibrate(labels, pred_probs)
+
+
+def prob_label_wrong(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:
+    """Probability that the given label is wrong, 1 - calibrated p[y]: (N,) in [0, 1]."""
+    labels, pred_probs = check_labels_and_probs(labels, pred_probs)
+    return 1.0 - _given_label_probs(labels, _calibrate(labels, pred_probs))
+
+
+def estimate_noise_rate(labels: np.ndarray, pred_probs: np.ndarray) -> float:
+    """Estimated share of wrong labels, from out-of-sample ``pred_probs`` (confident joint).
+
+    A sample counts towards class j -> k when k is the most probable of the
+    classes whose probability reaches their threshold.  Each row of the counts
+    is rescaled to the number of samples labelled j (samples with no confident
+    class are thus spread like the confident ones of their label), and the
+    off-diagonal mass divided by N is the estimate.
+    """
+    labels, pred_probs = check_labels_and_probs(labels, pred_probs)
+    num_classes = pred_probs.shape[1]
+    thresholds = _class_thresholds(labels, pred_probs)
+    above = pred_probs >= thresholds[None, :] - 1e-9
+    confident = above.any(axis=1)
+    masked = np.where(above, pred_probs, -np.inf)
+    confident_class = masked.argmax(axis=1)
+    joint = np.zeros((num_classes, num_classes))
+    np.add.at(joint, (labels[confident], confident_class[confident]), 1.0)
+    label_counts = np.bincount(labels, minlength=num_classes).astype(float)
+    row_sums = joint.sum(axis=1)
+    calibrated = np.divide(joint * label_counts[:, None], row_sums[:, None],
+                           out=np.zeros_like(joint), where=row_sums[:, None] > 0)
+    # rows with no confident sample: assume those labels are right
+    calibrated[row_sums == 0] = np.diag(label_counts)[row_sums == 0]
+    return float(1.0 - np.trace(calibrated) / max(len(labels), 1))
+
+
+def _given_label_probs(labels, pred_probs):
+    return pred_probs[np.arange(len(labels)), labels]
+
+
+def _entropy(pred_probs):
+    return -np.sum(pred_probs * np.log(np.clip(pred_probs, _EPS, 1.0)), axis=1)
+
+
+def _class_thresholds(labels, pred_probs):
+    num_classes = pred_probs.shape[1]
+    counts = np.bincount(labels, minlength=num_classes)
+    sums = np.zeros(num_classes)
+    np.add.at(sums, labels, _given_label_probs(labels, pred_probs))
+    return np.where(counts > 0, sums / np.maximum(counts, 1), 1.0 / num_classes)
+
+
+def _calibrate(labels, pred_probs):
+    scaled = pred_probs / np.clip(_class_thresholds(labels, pred_probs), _EPS, None)[None, :]
+    return scaled / scaled.sum(axis=1, keepdims=True)
