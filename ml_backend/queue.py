@@ -199,7 +199,8 @@ def make_redis(settings):
     """A redis client from settings (REDIS_URL wins over host/port/db); no connection yet."""
     import redis
 
-    kwargs = dict(socket_connect_timeout=2, socket_timeout=5)
+    # short connect timeout: a webhook must answer within Label Studio's 1 s even when redis is gone
+    kwargs = dict(socket_connect_timeout=0.5, socket_timeout=5)
     if settings.redis_url:
         return redis.Redis.from_url(settings.redis_url, **kwargs)
     return redis.Redis(host=settings.redis_host, port=settings.redis_port, db=settings.redis_db, **kwargs)

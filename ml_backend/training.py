@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -179,11 +180,14 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         y = np.array([ok_labels[j].label for j in train_pos], dtype=np.int64)
         trusted_mask = np.array([ok_labels[j].is_trusted for j in train_pos], dtype=bool)
         progress(f"train (phase {phase})", 0.0)
+        extra = {}
+        if "progress_bar" in inspect.signature(engine.train_and_score).parameters:
+            extra["progress_bar"] = False        # progress goes to job.meta and the log instead
         result = engine.train_and_score(
             images[train_pos], y, sample_ids=ids, class_names=list(info.class_names),
             trusted_mask=trusted_mask, previous_checkpoint=previous_checkpoint,
             checkpoint_path=tmp / "checkpoint.pt", config=engine_config(engine, settings),
-            progress=progress)
+            progress=progress, **extra)
         given = {int(ok_tasks[j]["id"]): ok_labels[j].noisy for j in range(len(ok_tasks))}
         trusted = {int(ok_tasks[j]["id"]): ok_labels[j].is_trusted for j in range(len(ok_tasks))}
         records = build_records(result, class_names=list(info.class_names), given=given, trusted=trusted)

@@ -1,0 +1,144 @@
+"""The training queue on a real redis-server with a real rq worker (subprocess).
+
+Fake Label Studio API + stand-in engine (sleeping a little so that events arrive while a job
+runs); the real Label Studio and engine are in tests/e2e.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import redis
+from rq.job import Job
+
+from ml_backend.app import create_app
+from ml_backend.queue import RQTrainingQueue
+from ml_backend.settings import Settings
+from ml_backend.store import ProjectStore
+from tests.conftest import REPO, free_port
+from tests.test_backend_fake_ls import PAT, FakeLabelStudio
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def rq_env(backend_env, redis_url, monkeypatch):
+    monkeypatch.setenv("ALR_USE_REDIS", "true")
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("RQ_QUEUE_NAME", "alr-test")
+    return redis_url
+
+
+@pytest.fixture
+def fake_ls(rq_env, monkeypatch):
+    with FakeLabelStudio() as ls:
+        ls.add_project(1)
+        for tid in range(1, 31):
+            k = tid % 3
+            ls.add_task(1, tid, label=str(k), pixel=(20, 128, 235)[k])
+        monkeypatch.setenv("LABEL_STUDIO_URL", ls.url)
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", PAT)
+        yield ls
+
+
+@pytest.fixture
+def rq_worker(fake_ls, tmp_path):
+    """`rq worker` subprocess on the test queue, with the test's environment."""
+    env = dict(os.environ, ALR_FAKE_ENGINE_SLEEP="1.5", PYTHONPATH=str(REPO))
+    log = open(tmp_path / "worker.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "--url", os.environ["REDIS_URL"],
+                             "alr-test"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    conn = redis.Redis.from_url(os.environ["REDIS_URL"])
+    from rq import Worker
+    deadline = time.monotonic() + 30
+    while not Worker.all(connection=conn) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    yield proc
+    proc.terminate()
+    proc.wait(20)
+    log.close()
+    print((tmp_path / "worker.log").read_text()[-3000:])
+
+
+def wait_for_jobs(conn, project: int, timeout: float = 60.0) -> list[Job]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = int(conn.get(f"alr:train:{project}:seq") or 0)
+        jobs = [Job.fetch(f"train-{project}-{i}", connection=conn) for i in range(1, n + 1)]
+        if n and all(j.get_status().value in ("finished", "failed") for j in jobs) \
+                and not conn.get(f"alr:train:{project}:pending"):
+            return jobs
+        time.sleep(0.2)
+    raise TimeoutError("training jobs did not finish")
+
+
+def test_concurrent_requests_create_one_pending_job(rq_env):
+    conn = redis.Redis.from_url(rq_env)
+    queue = RQTrainingQueue(conn, "alr-race", job_timeout=60)
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(queue.request_training(5, "X"))) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({a["job_id"] for a in answers}) == 1
+    assert sum(not a["coalesced"] for a in answers) == 1
+    job = Job.fetch(answers[0]["job_id"], connection=conn)
+    assert job.meta["events"] == 20 and queue.queue.count == 1
+
+
+def test_burst_of_50_webhooks_at_most_2_jobs_final_model_has_every_annotation(fake_ls, rq_worker):
+    client = create_app().test_client()
+    conn = redis.Redis.from_url(os.environ["REDIS_URL"])
+    annotated = {}
+    t0 = time.monotonic()
+    for i in range(50):
+        tid = 1 + i % 30
+        label = str((tid + 1) % 3)                     # the expert disagrees with the given label
+        ann = fake_ls.annotate(tid, label)
+        annotated[tid] = int(label)
+        r = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1},
+                                          "annotation": {**ann, "project": 1}})
+        assert r.status_code == 201
+        if i == 0:
+            # let the worker start the first job so the rest arrive while it runs
+            deadline = time.monotonic() + 10
+            while conn.get("alr:train:1:pending") and time.monotonic() < deadline:
+                time.sleep(0.02)
+    burst_seconds = time.monotonic() - t0
+    jobs = wait_for_jobs(conn, 1)
+    assert 1 <= len(jobs) <= 2, [j.id for j in jobs]
+    assert all(j.get_status().value == "finished" for j in jobs), [j.exc_info for j in jobs]
+    assert sum(j.meta["events"] for j in jobs) == 50                  # every event accounted for
+    settings = Settings.from_env()
+    store = ProjectStore(settings.model_dir, 1)
+    final = store.current_version()
+    meta = store.load_meta(final)
+    assert set(meta["trusted_task_ids"]) == set(annotated)             # every annotation is in
+    assert {int(k): v for k, v in meta["trained_task_labels"].items() if int(k) in annotated} == annotated
+    assert fake_ls.projects[1]["model_version"] == final
+    assert jobs[-1].meta["progress"]["stage"] == "done"
+    print(f"50 webhooks in {burst_seconds:.2f}s -> {len(jobs)} job(s)")
+
+
+def test_health_sees_redis_and_worker(fake_ls, rq_worker):
+    body = create_app().test_client().get("/health").get_json()
+    assert body["queue"]["redis"] is True and body["queue"]["workers"] >= 1
+    assert body["training_ready"] is True and body["label_studio"]["reachable"] is True
+
+
+def test_redis_down_webhook_is_503_with_message_and_server_stays_up(backend_env, monkeypatch):
+    monkeypatch.setenv("ALR_USE_REDIS", "true")
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")     # nothing listens
+    client = create_app().test_client()
+    t0 = time.monotonic()
+    r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+    assert r.status_code == 503 and "redis" in r.get_json()["error"]
+    assert time.monotonic() - t0 < 1.0                     # Label Studio waits 1 s at most
+    body = client.get("/health").get_json()
+    assert body["status"] == "UP" and body["queue"]["redis"] is False and body["training_ready"] is False
+    assert client.get("/is_training?project=1").status_code == 503
