@@ -34,6 +34,7 @@ class EngineConfig:
     forget_rate: float | None = None    # None = estimated from the data (see estimate_forget_rate)
     max_forget_rate: float = 0.8        # cap on the estimate: Co-teaching must keep something to learn from
     estimate_epochs: int = 8            # epochs of each cross-fitting fold when the forget rate is estimated
+    estimate_min_steps: int = 150       # ... and at least this many optimiser steps per fold
     estimate_folds: int = 2             # folds of that cross-fitting
     tk: int = 10                        # epochs of the forget-rate ramp; VoG joins the selection after it
     vog_window: int = 5                 # W: snapshots per sample in the VoG ring buffer
@@ -72,6 +73,7 @@ class EngineConfig:
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.estimate_epochs >= 1, "estimate_epochs must be >= 1"),
             (self.estimate_folds >= 2, "estimate_folds must be >= 2"),
+            (self.estimate_min_steps >= 0, "estimate_min_steps must be >= 0"),
             (self.rarity_weight >= 0, "rarity_weight must be >= 0"),
             (self.mc_dropout_passes >= 0, "mc_dropout_passes must be >= 0"),
         ]

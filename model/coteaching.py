@@ -294,13 +294,16 @@ def estimate_forget_rate(images: torch.Tensor, labels: torch.Tensor, trusted: to
     """Estimate the share of wrong labels among the untrusted samples.
 
     K-fold cross-fitting (``estimate_folds``): a network is trained with plain
-    cross-entropy for ``estimate_epochs`` epochs on the other folds and predicts
-    the held-out one, so every sample gets an out-of-sample probability.  The
-    confident-joint estimate (selection.scores.estimate_noise_rate) turns those
-    into a noise rate, which is capped at ``max_forget_rate``.  The estimate
-    counts the folds' own classification errors as noise too, so it runs high
-    when a class is too small to learn (measured in benchmarks/RESULTS.md).
-    Its cost is about ``estimate_epochs * (K - 1)`` epochs of one network.
+    cross-entropy on the other folds and predicts the held-out one, so every
+    sample gets an out-of-sample probability; the share of samples whose
+    predicted class differs from the given label is the estimate
+    (selection.scores.estimate_noise_rate), capped at ``max_forget_rate``.  It
+    counts the folds' own errors as noise too, so it runs high when the data
+    are too few to learn from (measured in benchmarks/RESULTS.md).
+
+    Each fold trains for ``estimate_epochs`` epochs but at least
+    ``estimate_min_steps`` optimiser steps: on a few hundred images, 8 epochs
+    are 16 steps, and an untrained fold model calls every label wrong.
     """
     untrusted_idx = torch.nonzero(~trusted, as_tuple=True)[0]
     if untrusted_idx.numel() < 4 * num_classes:
@@ -313,25 +316,25 @@ def estimate_forget_rate(images: torch.Tensor, labels: torch.Tensor, trusted: to
     spec = network_spec_for(images, num_classes, config)
     for fold in range(folds):
         train_idx = untrusted_idx[fold_of != fold]
+        steps_per_epoch = max(math.ceil(train_idx.numel() / config.batch_size), 1)
+        epochs = max(config.estimate_epochs, math.ceil(config.estimate_min_steps / steps_per_epoch))
         net = build_network(config.arch, dropout=config.dropout, pretrained_weights=config.pretrained_weights,
                             **spec).to(device)
         opt = _sgd(net, config.lr, config)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.estimate_epochs)
-        for epoch in range(config.estimate_epochs):
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        for epoch in range(epochs):
             _train_plain_epoch(net, opt, images[train_idx], labels[train_idx], config=config, device=device,
                                generator=generator)
             sched.step()
             if progress:
-                progress("estimating noise rate", (fold * config.estimate_epochs + epoch + 1)
-                         / (folds * config.estimate_epochs))
+                progress("estimating noise rate", (fold + (epoch + 1) / epochs) / folds)
         held_out = (fold_of == fold).numpy()
         probs, _ = predict([net], images[untrusted_idx[fold_of == fold]], config=config, device=device)
         out_of_fold[held_out] = probs
     rate = estimate_noise_rate(labels[untrusted_idx].numpy(), out_of_fold)
     capped = min(rate, config.max_forget_rate)
-    logger.info("Estimated noise rate %.3f from %d untrusted samples (%d-fold cross-fitting, %d epochs); "
-                "forget rate %.3f. Set forget_rate to override.", rate, untrusted_idx.numel(), folds,
-                config.estimate_epochs, capped)
+    logger.info("Estimated noise rate %.3f from %d untrusted samples (%d-fold cross-fitting); "
+                "forget rate %.3f. Set forget_rate to override.", rate, untrusted_idx.numel(), folds, capped)
     return capped
 
 

@@ -293,7 +293,7 @@ def run(args) -> dict:
     write_scores(out, phase1)
     truth = train.labels_true if train.labels_true is not None else train.labels
     report = {
-        "command": "python -m selection.simulate " + " ".join(sys.argv[1:]),
+        "command": args.command,
         "config": config.to_dict(),
         "dataset": {"num_samples": len(train.labels), "num_classes": num_classes,
                     "class_names": list(train.class_names),
@@ -323,7 +323,9 @@ def _json_default(value):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command = "python -m selection.simulate " + " ".join(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         report = run(args)

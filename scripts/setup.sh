@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up everything this project needs on a fresh Debian/Ubuntu machine with Python >= 3.10:
+#   - .venv with the project (torch 2.14.1, torchvision 0.29.1, label-studio-ml 1.0.9, redis, rq, ...);
+#   - redis-server (Debian package) for the training queue, when it is missing;
+#   - with --label-studio: Label Studio 1.23.2 in its own environment (.ls-venv), for the demo and e2e tests.
+# Idempotent: a second run only checks.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${PYTHON:-python3}"
+WITH_LS=0
+EXTRAS="test"
+for arg in "$@"; do
+  case "$arg" in
+    --label-studio) WITH_LS=1 ;;
+    --bench) EXTRAS="test,bench" ;;
+    *) echo "usage: $0 [--label-studio] [--bench]" >&2; exit 2 ;;
+  esac
+done
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# pip prints a warning per package for index folders that do not exist on some machines: keep the log readable.
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored: it is neither" || true
+.venv/bin/python -c "import torch, torchvision, label_studio_ml, rq, redis" \
+  || { echo "setup: the project environment is incomplete (see pip's output above)" >&2; exit 1; }
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+if [ "$WITH_LS" = 1 ]; then
+  bash scripts/setup_label_studio.sh
+fi
+echo "setup: done (.venv ready; redis-server: $(command -v redis-server))"

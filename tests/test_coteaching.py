@@ -1,0 +1,149 @@
+"""model/: the schedule, the per-batch selection, training, checkpoints and bad input."""
+import numpy as np
+import pytest
+import torch
+
+from model.coteaching import forget_rate_schedule, load_checkpoint, select_clean_batch
+from model.config import EngineConfig
+from model.data import as_image_array, load_image
+from model.device import select_device
+from model.engine import score_images, train_and_score
+from model.networks import build_network
+
+
+def test_forget_rate_ramps_linearly_to_tau_over_tk_epochs():
+    rates = [forget_rate_schedule(e, forget_rate=0.4, tk=5) for e in range(1, 8)]
+    np.testing.assert_allclose(rates, [0.0, 0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+
+
+def test_selection_keeps_n_smallest_losses_then_smallest_vog():
+    losses = torch.tensor([0.1, 0.2, 0.3, 0.4, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    vog = torch.tensor([9.0, 9.0, 9.0, 9.0, 9.0, 0.1, 9.0, 0.2, 9.0, 9.0])
+    labels = torch.zeros(10, dtype=torch.long)
+    no_trust = torch.zeros(10, dtype=torch.bool)
+    keep = select_clean_batch(losses, None, labels, no_trust, forget_rate=0.5, mix_ratio=0.2, class_balanced=False)
+    assert keep.nonzero().flatten().tolist() == [0, 1, 2, 3, 4]        # n = int(0.5 * 10) = 5
+    keep = select_clean_batch(losses, vog, labels, no_trust, forget_rate=0.5, mix_ratio=0.4, class_balanced=False)
+    # L = int(5 * 0.6) = 3 by loss, V = int(5 * 0.4) = 2 by VoG among the rest
+    assert keep.nonzero().flatten().tolist() == [0, 1, 2, 5, 7]
+
+
+def test_trusted_samples_are_always_kept_and_classes_get_quotas():
+    losses = torch.tensor([9.0, 0.1, 0.2, 0.3, 0.4, 8.0])
+    labels = torch.tensor([1, 0, 0, 0, 0, 1])
+    trusted = torch.tensor([True, False, False, False, False, False])
+    keep = select_clean_batch(losses, None, labels, trusted, forget_rate=0.5, mix_ratio=0.0, class_balanced=False)
+    assert keep.tolist() == [True, True, True, False, False, False]   # trusted + int(0.5 * 5)
+    keep = select_clean_batch(losses, None, labels, torch.zeros(6, dtype=torch.bool), forget_rate=0.5,
+                              mix_ratio=0.0, class_balanced=True)
+    assert keep.tolist() == [False, True, True, False, False, True]   # ceil(0.5*4) of class 0, ceil(0.5*2) of 1
+
+
+def _toy_data(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    images = np.zeros((n, 8, 8, 1), np.uint8)
+    for i, label in enumerate(labels):  # class = which third of the image is bright
+        images[i, :, label * 2:label * 2 + 3] = 200
+    images = np.clip(images + rng.integers(0, 40, images.shape), 0, 255).astype(np.uint8)
+    return images, labels
+
+
+FAST = dict(epochs=4, tk=2, vog_window=2, batch_size=32, estimate_epochs=2, finetune_epochs=2, device="cpu")
+
+
+def test_phase1_then_phase2_round_trip(tmp_path):
+    images, labels = _toy_data()
+    config = EngineConfig(**FAST, forget_rate=0.2)
+    result = train_and_score(images, labels, class_names=["a", "b", "c"], checkpoint_path=tmp_path / "p1.pt",
+                             config=config, progress_bar=False)
+    assert result.pred_probs.shape == (120, 3)
+    np.testing.assert_allclose(result.pred_probs.sum(1), 1.0, atol=1e-6)
+    assert np.isfinite(result.vog_scores).all()        # window 2 filled by epochs 3-4
+    assert result.lnl_clean_mask.sum() < 120
+    np.testing.assert_allclose(result.ls_score, 1.0 - result.priority)
+    assert (result.predicted_labels == labels).mean() > 0.8
+
+    trusted = np.zeros(120, bool)
+    trusted[:5] = True
+    phase2 = train_and_score(images, labels, class_names=["a", "b", "c"], trusted_mask=trusted,
+                             previous_checkpoint=tmp_path / "p1.pt", checkpoint_path=tmp_path / "p2.pt",
+                             config=config, progress_bar=False)
+    assert phase2.lnl_clean_mask[:5].all() and (phase2.priority[:5] == 0).all()
+    state, saved = load_checkpoint(tmp_path / "p2.pt", device=torch.device("cpu"))
+    assert saved["class_names"] == ["a", "b", "c"] and saved["trusted_mask"][:5].all()
+    assert len(state.vog_buffers) == 2 and state.forget_rate == pytest.approx(0.2)
+
+    unseen = score_images(tmp_path / "p2.pt", images[:7])
+    assert unseen.pred_probs.shape == (7, 3) and np.isnan(unseen.loss).all()
+
+
+def test_training_is_reproducible_on_cpu(tmp_path):
+    images, labels = _toy_data(60)
+    config = EngineConfig(**FAST, forget_rate=0.1)
+    runs = [train_and_score(images, labels, class_names=["a", "b", "c"], checkpoint_path=tmp_path / f"{i}.pt",
+                            config=config, progress_bar=False) for i in range(2)]
+    np.testing.assert_array_equal(runs[0].pred_probs, runs[1].pred_probs)
+    np.testing.assert_array_equal(runs[0].lnl_clean_mask, runs[1].lnl_clean_mask)
+
+
+def test_forget_rate_is_estimated_when_not_given(tmp_path):
+    images, labels = _toy_data(150)
+    noisy = labels.copy()
+    noisy[:45] = (labels[:45] + 1) % 3          # 30% wrong
+    result = train_and_score(images, noisy, class_names=["a", "b", "c"], checkpoint_path=tmp_path / "c.pt",
+                             config=EngineConfig(**FAST), progress_bar=False)
+    assert 0.1 < result.forget_rate < 0.6
+
+
+def test_bad_input_gets_clear_errors(tmp_path):
+    images, labels = _toy_data(20)
+    kwargs = dict(checkpoint_path=tmp_path / "x.pt", config=EngineConfig(**FAST), progress_bar=False)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        train_and_score(images, np.zeros(20, int), class_names=["only"], **kwargs)
+    with pytest.raises(ValueError, match="single class"):
+        train_and_score(images, np.zeros(20, int), class_names=["a", "b"], **kwargs)
+    with pytest.raises(ValueError, match="must lie in"):
+        train_and_score(images, np.full(20, 7), class_names=["a", "b", "c"], **kwargs)
+    with pytest.raises(ValueError, match="different sizes or channels"):
+        as_image_array([np.zeros((8, 8)), np.zeros((9, 8))])
+    with pytest.raises(ValueError, match="different sizes or channels"):
+        as_image_array([np.zeros((8, 8, 3)), np.zeros((8, 8))])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        as_image_array(np.full((2, 8, 8), 3.0))
+    with pytest.raises(ValueError, match="vog_window"):
+        EngineConfig(tk=3, vog_window=5)
+    with pytest.raises(ValueError, match="cannot read image"):
+        load_image(b"not an image", image_size=8, channels=1)
+
+
+def test_load_image_converts_channels_and_size(tmp_path):
+    from PIL import Image
+    path = tmp_path / "rgb.png"
+    Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(path)
+    assert load_image(path, image_size=16, channels=1).shape == (16, 16, 1)
+    assert load_image(path, image_size=16, channels=3).shape == (16, 16, 3)
+
+
+def test_networks_share_one_interface_and_pretrained_weights_never_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for arch in ("smallcnn", "resnet18"):
+        net = build_network(arch, num_classes=4, in_channels=1, image_size=16).eval()
+        x = torch.rand(2, 1, 16, 16)
+        features = net.forward_features(x)
+        assert net(x).shape == (2, 4) and features.shape == (2, net.classifier.in_features)
+    with pytest.raises(FileNotFoundError, match="not in the torch cache"):
+        build_network("resnet18", num_classes=4, in_channels=3, image_size=64, pretrained_weights="imagenet")
+    weights = tmp_path / "r18.pt"
+    from torchvision.models import resnet18
+    torch.save(resnet18(weights=None).state_dict(), weights)
+    net = build_network("resnet18", num_classes=4, in_channels=3, image_size=64, pretrained_weights=str(weights))
+    assert net(torch.rand(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_device_selection_on_this_machine():
+    assert select_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert select_device("auto").type in ("cpu", "mps")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            select_device("cuda")
