@@ -1,0 +1,330 @@
+"""Detection of wrong labels on imbalanced, noisy digits: Co-teaching (+VoG), the priority, plain CE, cleanlab.
+
+    python benchmarks/bench_detection.py           # 40% symmetric noise, 3 seeds (~2-3 min on 2 cores)
+    python benchmarks/bench_detection.py --full    # noise 0.2/0.4/0.6 x symmetric/class_dependent x 3 seeds
+
+Data: digits, long-tailed ratio 20, exactly as ``python -m selection.simulate``
+builds it (25% of each class held out as a clean test set first, unused here),
+438 training samples.  Per run (noise kind, rate, seed), all on the training set
+and its noisy labels:
+
+(a) plain CE: ONE small CNN trained with plain cross-entropy on the noisy labels
+    for the same epochs (model.coteaching._train_plain_epoch, cosine lr), scored
+    by its in-sample loss -log p[y] (it has seen these labels: it memorises them).
+    "plain CE (cross-fitted)" is the loss under the out-of-fold probabilities of (e).
+(b) Co-teaching loss only: EngineConfig(mix_ratio=0.0); score = result.loss.
+(c) Co-teaching + VoG (the default EngineConfig); score = result.loss, and VoG alone.
+(d) the project's priority (result.priority of (c)); rarity_weight 0 = result.prob_label_wrong.
+(e) cleanlab confident learning on out-of-sample pred_probs from a stratified
+    K-fold cross-validation (own loop) of the same small CNN trained like (a):
+    1 - cleanlab.rank.get_label_quality_scores (self_confidence) and
+    cleanlab.filter.find_label_issues.  "priority on CV probs" applies the
+    project's selection.rank.relabel_priority to those same out-of-fold probabilities.
+
+Run (c) estimates the forget rate (the product's default path); (b) and the
+class_balanced variant reuse that estimate (the estimate is deterministic given
+the seed, and this saves its cost twice), so the three differ only in selection.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from _common import load_case  # noqa: E402
+from _results import command_line, markdown_table, mean_std, replace_section  # noqa: E402
+from model import coteaching as ct  # noqa: E402
+from model.config import EngineConfig  # noqa: E402
+from model.data import to_tensor  # noqa: E402
+from model.device import seed_everything  # noqa: E402
+from model.engine import train_and_score  # noqa: E402
+from model.networks import build_network  # noqa: E402
+from selection import metrics, rank  # noqa: E402
+from selection import scores as scores_mod  # noqa: E402
+
+SECTION_MAIN = "Engine: detection of wrong labels"
+SECTION_TARGETS = "Engine: targets at 40% symmetric noise, long-tailed ratio 20"
+
+DETECTORS = [  # (key, label in the table)
+    ("plain_ce", "(a) plain CE loss, in-sample"),
+    ("plain_ce_cv", "(a') plain CE loss, cross-fitted (K-fold)"),
+    ("coteach_mix0", "(b) Co-teaching loss only (mix 0)"),
+    ("coteach_vog", "(c) Co-teaching + VoG: loss"),
+    ("vog", "(c) VoG score alone"),
+    ("priority", "(d) priority (rarity_weight 1)"),
+    ("prob_label_wrong", "(d) priority, rarity_weight 0 (prob_label_wrong)"),
+    ("cleanlab", "(e) cleanlab label quality (K-fold CV probs)"),
+    ("priority_cv", "(e') project priority on the K-fold CV probs"),
+    ("prob_label_wrong_cv", "(e') prob_label_wrong on the K-fold CV probs"),
+]
+
+
+def train_plain(x, y, num_classes, config, *, seed):
+    """One network, plain cross-entropy on (x, y), cosine lr over config.epochs; returns it."""
+    device = torch.device("cpu")
+    generator = seed_everything(seed)
+    spec = ct.network_spec_for(x, num_classes, config)
+    net = build_network(config.arch, dropout=config.dropout, pretrained_weights=None, **spec).to(device)
+    opt = ct._sgd(net, config.lr, config)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
+    for _ in range(config.epochs):
+        ct._train_plain_epoch(net, opt, x, y, config=config, device=device, generator=generator)
+        sched.step()
+    return net
+
+
+def cross_val_probs(x, y, num_classes, config, *, folds: int, seed: int) -> np.ndarray:
+    """Out-of-fold softmax (N, K): stratified K folds by the given label, a fresh network per fold."""
+    labels = y.numpy()
+    rng = np.random.default_rng([seed, 7])
+    fold_of = np.empty(len(labels), np.int64)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        fold_of[idx] = (np.arange(len(idx)) + rng.integers(folds)) % folds
+    probs = np.zeros((len(labels), num_classes))
+    for fold in range(folds):
+        train_idx = torch.from_numpy(np.flatnonzero(fold_of != fold))
+        held_idx = np.flatnonzero(fold_of == fold)
+        net = train_plain(x[train_idx], y[train_idx], num_classes, config, seed=seed * 100 + fold)
+        p, _ = ct.predict([net], x[torch.from_numpy(held_idx)], config=config, device=torch.device("cpu"))
+        probs[held_idx] = p
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def given_label_loss(labels, probs):
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
+
+
+def lnl_figures(result, wrong, labels_true, num_classes):
+    correct = ~wrong
+    precision, recall = metrics.clean_set_precision_recall(result.lnl_clean_mask, correct)
+    kept = metrics.per_class_kept_rate(labels_true, result.lnl_clean_mask, correct, num_classes=num_classes)
+    counts = np.bincount(labels_true, minlength=num_classes)
+    return {"precision": precision, "recall": recall,
+            "min_maj": metrics.minority_majority_ratio(kept, counts), "kept_per_class": kept}
+
+
+def to_80(score, wrong):
+    order = np.argsort(-np.nan_to_num(score, nan=-np.inf), kind="stable")
+    return metrics.relabels_to_find(order, wrong, 0.8)
+
+
+def run_case(*, seed: int, noise_rate: float, noise: str, epochs: int, folds: int, with_cleanlab: bool) -> dict:
+    train, _ = load_case(seed=seed, noise_rate=noise_rate, noise=noise)
+    labels, truth = train.labels, train.labels_true
+    wrong = labels != truth
+    num_classes = len(train.class_names)
+    base = EngineConfig(epochs=epochs, image_size=max(int(train.images.shape[1]), 8), seed=seed, device="cpu")
+    out = {"true_noise": float(wrong.mean()), "n": len(labels)}
+    timings = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        def engine(config, name):
+            t0 = time.perf_counter()
+            result = train_and_score(train.images, labels, class_names=train.class_names,
+                                     checkpoint_path=Path(tmp) / f"{name}.pt", config=config, progress_bar=False)
+            timings[name] = time.perf_counter() - t0
+            return result
+        res_c = engine(base, "coteach_vog")
+        estimate = float(res_c.forget_rate)
+        res_b = engine(replace(base, mix_ratio=0.0, forget_rate=estimate), "coteach_mix0")
+        res_cb = engine(replace(base, selection="class_balanced", forget_rate=estimate), "class_balanced")
+    x, y = to_tensor(train.images), torch.from_numpy(labels)
+    t0 = time.perf_counter()
+    plain = train_plain(x, y, num_classes, base, seed=seed)
+    plain_probs, _ = ct.predict([plain], x, config=base, device=torch.device("cpu"))
+    timings["plain_ce"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cv_probs = cross_val_probs(x, y, num_classes, base, folds=folds, seed=seed)
+    timings["cross_val"] = time.perf_counter() - t0
+
+    scores = {
+        "plain_ce": given_label_loss(labels, plain_probs),
+        "plain_ce_cv": given_label_loss(labels, cv_probs),
+        "coteach_mix0": res_b.loss, "coteach_vog": res_c.loss, "vog": res_c.vog_scores,
+        "priority": res_c.priority, "prob_label_wrong": res_c.prob_label_wrong,
+        "priority_cv": rank.relabel_priority(labels, cv_probs, rarity_weight=1.0),
+        "prob_label_wrong_cv": rank.relabel_priority(labels, cv_probs, rarity_weight=0.0),
+    }
+    out["cv_noise_estimates"] = {m: scores_mod.estimate_noise_rate(labels, cv_probs, method=m)
+                                 for m in ("disagreement", "confident_joint")}
+    if with_cleanlab:
+        from cleanlab.count import num_label_issues
+        from cleanlab.filter import find_label_issues
+        from cleanlab.rank import get_label_quality_scores
+
+        scores["cleanlab"] = 1.0 - get_label_quality_scores(labels, cv_probs)
+        issues = find_label_issues(labels, cv_probs)
+        out["cleanlab_issues_precision"] = float(wrong[issues].mean()) if issues.any() else float("nan")
+        out["cleanlab_issues_recall"] = float(issues[wrong].mean())
+        out["cleanlab_issues_share"] = float(issues.mean())
+        out["cv_noise_estimates"]["cleanlab num_label_issues / N"] = num_label_issues(labels, cv_probs) / len(labels)
+    out["auroc"] = {k: metrics.auroc(np.nan_to_num(s, nan=0.0), wrong) for k, s in scores.items()}
+    out["to_80"] = {k: to_80(s, wrong) for k, s in scores.items()}
+    out["random_80"] = metrics.random_relabels_to_find(len(labels), 0.8)
+    out["forget_rate_estimate"] = estimate
+    out["lnl"] = {"global": lnl_figures(res_c, wrong, truth, num_classes),
+                  "mix0": lnl_figures(res_b, wrong, truth, num_classes),
+                  "class_balanced": lnl_figures(res_cb, wrong, truth, num_classes)}
+    out["class_counts"] = np.bincount(truth, minlength=num_classes).tolist()
+    out["timings"] = timings
+    return out
+
+
+def first_run(results):
+    return next(iter(results.values()))[0]
+
+
+def settings(full: bool):
+    if not full:
+        return [("symmetric", 0.4)]
+    return [(kind, rate) for kind in ("symmetric", "class_dependent") for rate in (0.2, 0.4, 0.6)]
+
+
+def setting_name(kind, rate):
+    return f"{kind} {int(round(rate * 100))}%"
+
+
+def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str]:
+    names = list(results)
+    detectors = [(k, label) for k, label in DETECTORS if with_cleanlab or k != "cleanlab"]
+    auroc_rows = [[label, *[mean_std([r["auroc"][k] for r in results[s]]) for s in names]]
+                  for k, label in detectors]
+    ratio = lambda r, k: None if r["to_80"][k] is None else r["to_80"][k] / r["random_80"]  # noqa: E731
+    to80_rows = [[label, *[mean_std([ratio(r, k) for r in results[s]], "{:.2f}") for s in names]]
+                 for k, label in detectors if k != "vog"]
+    to80_rows.append(["perfect ranking (= the true noise rate)",
+                      *[mean_std([r["true_noise"] for r in results[s]], "{:.2f}") for s in names]])
+    to80_rows.append(["random (expected: 0.8 N)", *["1.00" for _ in names]])
+    lnl_rows = []
+    for s in names:
+        rs = results[s]
+        lnl_rows.append([s, mean_std([r["true_noise"] for r in rs]), mean_std([r["forget_rate_estimate"] for r in rs]),
+                         mean_std([r["forget_rate_estimate"] - r["true_noise"] for r in rs], "{:+.3f}"),
+                         *[mean_std([r["lnl"][v][m] for r in rs]) for v in ("global", "mix0", "class_balanced")
+                           for m in ("precision", "recall")]])
+    estimators = list(first_run(results)["cv_noise_estimates"])
+    est_rows = [[s, mean_std([r["true_noise"] for r in results[s]]),
+                 mean_std([r["forget_rate_estimate"] - r["true_noise"] for r in results[s]], "{:+.3f}"),
+                 *[mean_std([r["cv_noise_estimates"][m] - r["true_noise"] for r in results[s]], "{:+.3f}")
+                   for m in estimators]] for s in names]
+    minmaj_rows = [[s, *[mean_std([r["lnl"][v]["min_maj"] for r in results[s]], "{:.2f}")
+                         for v in ("global", "mix0", "class_balanced")]] for s in names]
+    cl_rows = []
+    if with_cleanlab:
+        cl_rows = [[s, mean_std([r["cleanlab_issues_share"] for r in results[s]]),
+                    mean_std([r["cleanlab_issues_precision"] for r in results[s]]),
+                    mean_std([r["cleanlab_issues_recall"] for r in results[s]])] for s in names]
+    first = results[names[0]][0]
+    secs = {k: np.mean([r["timings"][k] for s in names for r in results[s]]) for k in first["timings"]}
+    lines = [
+        f"Command: `{command_line()}`", "",
+        f"Digits, long-tailed ratio 20 (class counts {first['class_counts']}, {first['n']} training samples), "
+        f"seeds {list(seeds)}, {args.epochs} epochs, default EngineConfig otherwise (small CNN at 8 px, "
+        f"Tk 10, W 5, mix 0.2, forget rate estimated), cleanlab CV: {args.folds} folds. "
+        "Mean ± std over seeds.", "",
+        "### AUROC for detecting wrong labels (higher is better)", "",
+        markdown_table(["detector", *names], auroc_rows), "",
+        "### Relabels to find 80% of the wrong labels, as a multiple of random's expected 0.8 N "
+        "(ranking every training sample; lower is better; target for the priority: <= 0.5)", "",
+        markdown_table(["ranking", *names], to80_rows), "",
+        "### LNL clean set (network 1's pick in the final epoch) and the forget-rate estimate", "",
+        "global = default (loss + VoG, one ranking per batch), mix0 = loss only, class_balanced = "
+        "EngineConfig(selection=\"class_balanced\"); P = precision (share of kept samples whose label is right), "
+        "R = recall (share of right labels kept).", "",
+        markdown_table(["setting", "true noise", "estimated forget rate", "estimate - true",
+                        "global P", "global R", "mix0 P", "mix0 R", "class_bal. P", "class_bal. R"], lnl_rows), "",
+        "### Noise-rate estimators: estimate - true noise rate", "",
+        "engine = estimate_forget_rate as the engine runs it (2 folds, >= 150 steps each, disagreement); the "
+        f"others read the benchmark's {args.folds}-fold, {args.epochs}-epoch cross-validation probabilities.", "",
+        markdown_table(["setting", "true noise", "engine (default)", *[f"CV probs: {m}" for m in estimators]],
+                       est_rows), "",
+        "### Clean samples kept, minority / majority classes (selection.metrics.minority_majority_ratio; "
+        "target >= 0.8)", "",
+        markdown_table(["setting", "global (default)", "mix0 (loss only)", "class_balanced"], minmaj_rows),
+    ]
+    if cl_rows:
+        lines += ["", "### cleanlab find_label_issues (default arguments, K-fold CV probs)", "",
+                  markdown_table(["setting", "share flagged", "precision", "recall"], cl_rows)]
+    lines += ["", "Mean wall time per run (s, shared 2-core CPU): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()) + "."]
+    main_body = "\n".join(lines)
+
+    target_body = ""
+    key = setting_name("symmetric", 0.4)
+    if key in results:
+        rs = results[key]
+        pr = np.mean([r["to_80"]["priority"] / r["random_80"] for r in rs if r["to_80"]["priority"] is not None])
+        mm = np.mean([r["lnl"]["global"]["min_maj"] for r in rs])
+        mm_cb = np.mean([r["lnl"]["class_balanced"]["min_maj"] for r in rs])
+        a_p = np.mean([r["auroc"]["priority"] for r in rs])
+        rows = [
+            ["priority finds 80% of wrong labels with <= 0.5x random's relabels", f"{pr:.2f}x",
+             "met" if pr <= 0.5 else "missed", f"{pr - 0.5:+.2f}x"],
+            ["minority clean kept >= 0.8x majority (default, global)", f"{mm:.2f}",
+             "met" if mm >= 0.8 else "missed", f"{mm - 0.8:+.2f}"],
+            ["same, class_balanced selection", f"{mm_cb:.2f}", "met" if mm_cb >= 0.8 else "missed",
+             f"{mm_cb - 0.8:+.2f}"],
+        ]
+        if with_cleanlab:
+            a_c = np.mean([r["auroc"]["cleanlab"] for r in rs])
+            rows.append(["priority AUROC >= cleanlab's", f"{a_p:.3f} vs {a_c:.3f}",
+                         "met" if a_p >= a_c else "missed", f"{a_p - a_c:+.3f}"])
+        rows.append(["VoG tracking < 10% of an epoch", "see \"Engine: VoG tracking cost\"", "", ""])
+        target_body = "\n".join([
+            f"Command: `{command_line()}` (means over seeds {list(seeds)})", "",
+            markdown_table(["target", "measured", "status", "margin"], rows)])
+    return main_body, target_body
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="noise 0.2/0.4/0.6, symmetric and class_dependent")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--folds", type=int, default=5, help="K of the cross-validation for cleanlab")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1 on a shared machine)")
+    parser.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        import cleanlab  # noqa: F401  (optional: pip install -e .[bench])
+        with_cleanlab = True
+    except ImportError:
+        print("cleanlab is not installed (pip install -e .[bench]): its rows are left out", file=sys.stderr)
+        with_cleanlab = False
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    results = {}
+    for kind, rate in settings(args.full):
+        name = setting_name(kind, rate)
+        results[name] = []
+        for seed in args.seeds:
+            t0 = time.perf_counter()
+            results[name].append(run_case(seed=seed, noise_rate=rate, noise=kind, epochs=args.epochs,
+                                          folds=args.folds, with_cleanlab=with_cleanlab))
+            r = results[name][-1]
+            print(f"{name} seed {seed}: {time.perf_counter() - t0:.0f}s; AUROC priority {r['auroc']['priority']:.3f}"
+                  f" cleanlab {r['auroc'].get('cleanlab', float('nan')):.3f}; forget rate {r['forget_rate_estimate']:.3f}"
+                  f" (true {r['true_noise']:.3f})", file=sys.stderr, flush=True)
+    main_body, target_body = report(results, seeds=args.seeds, with_cleanlab=with_cleanlab, args=args)
+    print(main_body)
+    print()
+    print(target_body)
+    if not args.no_write:
+        replace_section(SECTION_MAIN, main_body)
+        if target_body:
+            replace_section(SECTION_TARGETS, target_body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
