@@ -24,6 +24,28 @@ def command_line() -> str:
     return " ".join(["python", shlex.quote(str(script)), *map(shlex.quote, sys.argv[1:])])
 
 
+def provenance() -> str:
+    """'Command: `...` (engine code: ...)', the first line of every section."""
+    return f"Command: `{command_line()}` (engine code: {code_version()})"
+
+
+def code_version() -> str:
+    """The engine code measured: $BENCH_CODE_VERSION if set (a run from an exported snapshot), else git HEAD."""
+    import os
+    import subprocess
+
+    if os.environ.get("BENCH_CODE_VERSION"):
+        return os.environ["BENCH_CODE_VERSION"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "model", "selection"], cwd=Path(__file__).parent.parent,
+                               text=True, capture_output=True, check=True).stdout.strip()
+        return f"commit {head}" + (" with uncommitted changes in model/ or selection/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def replace_section(title: str, body: str, *, path: Path = RESULTS) -> None:
     """Replace (or append) the section headed ``## {title}`` with ``body``."""
     heading = f"## {title}"

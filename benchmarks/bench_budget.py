@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _results import command_line, markdown_table, mean_std, replace_section  # noqa: E402
+from _results import provenance, markdown_table, mean_std, replace_section  # noqa: E402
 from selection import simulate  # noqa: E402
 
 SECTION = "Engine: relabel budget curves (all samplers)"
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     pool = [rep["dataset"]["num_samples"] - rep["phase1"]["lnl_clean_size"] for rep in reports]
     wrong_in_pool = [int(rep["phase1"]["num_wrong_labels"]) for rep in reports]
     body = "\n".join([
-        f"Command: `{command_line()}`", "",
+        provenance(), "",
         f"Digits, long-tailed ratio 20 ({reports[0]['dataset']['num_samples']} training samples, "
         f"{reports[0]['dataset']['test_samples']} clean test samples), {int(args.noise_rate * 100)}% {args.noise} "
         f"noise ({mean_std(wrong_in_pool, '{:.0f}')} wrong labels), seeds {args.seeds}; Phase 1: {args.epochs} "

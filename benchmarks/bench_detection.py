@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _common import load_case  # noqa: E402
-from _results import command_line, markdown_table, mean_std, replace_section  # noqa: E402
+from _results import provenance, markdown_table, mean_std, replace_section  # noqa: E402
 from model import coteaching as ct  # noqa: E402
 from model.config import EngineConfig  # noqa: E402
 from model.data import to_tensor  # noqa: E402
@@ -175,6 +175,8 @@ def run_case(*, seed: int, noise_rate: float, noise: str, epochs: int, folds: in
                   "mix0": lnl_figures(res_b, wrong, truth, num_classes),
                   "class_balanced": lnl_figures(res_cb, wrong, truth, num_classes)}
     out["class_counts"] = np.bincount(truth, minlength=num_classes).tolist()
+    out["noise_within_label"] = [float(np.mean(truth[labels == c] != c)) if (labels == c).any() else float("nan")
+                                 for c in range(num_classes)]
     out["timings"] = timings
     return out
 
@@ -226,7 +228,7 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
     first = results[names[0]][0]
     secs = {k: np.mean([r["timings"][k] for s in names for r in results[s]]) for k in first["timings"]}
     lines = [
-        f"Command: `{command_line()}`", "",
+        provenance(), "",
         f"Digits, long-tailed ratio 20 (class counts {first['class_counts']}, {first['n']} training samples), "
         f"seeds {list(seeds)}, {args.epochs} epochs, default EngineConfig otherwise (small CNN at 8 px, "
         f"Tk 10, W 5, mix 0.2, forget rate estimated), cleanlab CV: {args.folds} folds. "
@@ -251,6 +253,18 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
         "target >= 0.8)", "",
         markdown_table(["setting", "global (default)", "mix0 (loss only)", "class_balanced"], minmaj_rows),
     ]
+    classes = range(len(first["class_counts"]))
+    per_class_rows = []
+    for s in names:
+        rs = results[s]
+        per_class_rows.append([f"{s}: noise within the given label", *[
+            f"{np.nanmean([r['noise_within_label'][c] for r in rs]):.2f}" for c in classes]])
+        for v in ("global", "class_balanced"):
+            per_class_rows.append([f"{s}: right labels kept, {v}", *[
+                f"{np.nanmean([r['lnl'][v]['kept_per_class'][c] for r in rs]):.2f}" for c in classes]])
+    lines += ["", "### Per class (true class for 'kept', given label for 'noise'; means over seeds)", "",
+              markdown_table(["", *[f"{c} (n={n})" for c, n in zip(classes, first["class_counts"])]],
+                             per_class_rows)]
     if cl_rows:
         lines += ["", "### cleanlab find_label_issues (default arguments, K-fold CV probs)", "",
                   markdown_table(["setting", "share flagged", "precision", "recall"], cl_rows)]
@@ -280,7 +294,7 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
                          "met" if a_p >= a_c else "missed", f"{a_p - a_c:+.3f}"])
         rows.append(["VoG tracking < 10% of an epoch", "see \"Engine: VoG tracking cost\"", "", ""])
         target_body = "\n".join([
-            f"Command: `{command_line()}` (means over seeds {list(seeds)})", "",
+            provenance() + f" (means over seeds {list(seeds)})", "",
             markdown_table(["target", "measured", "status", "margin"], rows)])
     return main_body, target_body
 
@@ -292,6 +306,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--folds", type=int, default=5, help="K of the cross-validation for cleanlab")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1 on a shared machine)")
+    parser.add_argument("--json", help="also dump every per-run figure to this file")
     parser.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -304,7 +319,11 @@ def main(argv=None) -> int:
     import logging
     logging.basicConfig(level=logging.WARNING)
     results = {}
-    for kind, rate in settings(args.full):
+    grid = settings(args.full)
+    # The target setting first; with --full, every finished setting is written at once, so that an
+    # interrupted run still leaves its completed settings (marked as partial) in RESULTS.md.
+    grid.sort(key=lambda g: g != ("symmetric", 0.4))
+    for index, (kind, rate) in enumerate(grid):
         name = setting_name(kind, rate)
         results[name] = []
         for seed in args.seeds:
@@ -315,14 +334,22 @@ def main(argv=None) -> int:
             print(f"{name} seed {seed}: {time.perf_counter() - t0:.0f}s; AUROC priority {r['auroc']['priority']:.3f}"
                   f" cleanlab {r['auroc'].get('cleanlab', float('nan')):.3f}; forget rate {r['forget_rate_estimate']:.3f}"
                   f" (true {r['true_noise']:.3f})", file=sys.stderr, flush=True)
-    main_body, target_body = report(results, seeds=args.seeds, with_cleanlab=with_cleanlab, args=args)
+        done = index + 1 == len(grid)
+        if args.json:
+            import json
+            Path(args.json).write_text(json.dumps(results, default=lambda v: v.tolist() if hasattr(v, "tolist")
+                                                  else str(v)))
+        main_body, target_body = report(results, seeds=args.seeds, with_cleanlab=with_cleanlab, args=args)
+        if not done:
+            main_body = (f"**Partial: {index + 1} of {len(grid)} settings finished when this was written.**\n\n"
+                         + main_body)
+        if not args.no_write and (done or args.full):
+            replace_section(SECTION_MAIN, main_body)
+            if target_body:
+                replace_section(SECTION_TARGETS, target_body)
     print(main_body)
     print()
     print(target_body)
-    if not args.no_write:
-        replace_section(SECTION_MAIN, main_body)
-        if target_body:
-            replace_section(SECTION_TARGETS, target_body)
     return 0
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _common import load_case, upscale  # noqa: E402
-from _results import command_line, markdown_table, replace_section  # noqa: E402
+from _results import provenance, markdown_table, replace_section  # noqa: E402
 from model import coteaching as ct  # noqa: E402
 from model.config import EngineConfig  # noqa: E402
 from model.data import to_tensor  # noqa: E402
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
                             "median train_one_epoch (ms)", "median VoG work (ms)",
                             "VoG work / plain epoch", "epoch vs no VoG"], rows)
     body = "\n".join([
-        f"Command: `{command_line()}`", "",
+        provenance(), "",
         f"Digits, long-tailed ratio 20, 40% symmetric noise, seed {args.seed}: {len(train.labels)} training "
         f"samples; batch 128, two networks; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU. "
         "Modes interleaved epoch by epoch in one process from identical initial networks; first epoch dropped; "
