@@ -52,6 +52,7 @@ class EngineConfig:
     amp: bool = True                    # float16 mixed precision on CUDA only
     seed: int = 0
     eval_batch_size: int = 512
+    num_workers: int = 0                # DataLoader worker processes for images streamed from files
     mc_dropout_passes: int = 0          # > 0: also compute MC-dropout probabilities (for BALD)
 
     def __post_init__(self):
@@ -75,6 +76,7 @@ class EngineConfig:
             (self.estimate_folds >= 2, "estimate_folds must be >= 2"),
             (self.estimate_min_steps >= 0, "estimate_min_steps must be >= 0"),
             (self.rarity_weight >= 0, "rarity_weight must be >= 0"),
+            (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.mc_dropout_passes >= 0, "mc_dropout_passes must be >= 0"),
         ]
         for ok, message in checks:

@@ -29,10 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from model import distributed
 from model.config import EngineConfig
-from model.data import augment_batch, channel_stats
+from model.data import apply_augmentation, channel_stats, draw_augmentation
 from model.device import autocast, make_grad_scaler, seed_everything, select_device
+from model.distributed import DistContext
 from model.networks import build_network, default_small_input_stem
+from model.sources import ImageSource, image_shape, iterate_batches, num_images, sequential_batches, stats_sample, take
 from model.vog import VoGBuffer, input_gradient, last_layer_gradient
 from selection.metrics import macro_f1
 from selection.scores import estimate_noise_rate
@@ -112,6 +115,12 @@ class TrainingState:
     best_score: float = -math.inf
     history: list[dict] = field(default_factory=list)
     generator_state: torch.Tensor | None = None
+    wrapped: list[nn.Module] | None = None  # DistributedDataParallel wrappers while training on several ranks
+
+    @property
+    def trainable(self) -> list[nn.Module]:
+        """The modules to call in a training step: the DDP wrappers when distributed."""
+        return self.wrapped or self.networks
 
 
 def build_networks(network_spec: dict, config: EngineConfig, device: torch.device) -> list[nn.Module]:
@@ -125,70 +134,76 @@ def _sgd(network: nn.Module, lr: float, config: EngineConfig) -> torch.optim.Opt
                            weight_decay=config.weight_decay)
 
 
-def network_spec_for(images: torch.Tensor, num_classes: int, config: EngineConfig) -> dict:
+def network_spec_for(images: ImageSource, num_classes: int, config: EngineConfig) -> dict:
     """What build_network needs besides the config, derived from the training images."""
-    mean, std = channel_stats(images)
-    image_size = int(images.shape[-1])
-    return {"num_classes": num_classes, "in_channels": int(images.shape[1]), "image_size": image_size,
+    mean, std = channel_stats(stats_sample(images, seed=config.seed))
+    channels, _, image_size = image_shape(images)
+    return {"num_classes": num_classes, "in_channels": int(channels), "image_size": int(image_size),
             "mean": mean, "std": std,
             "small_input_stem": default_small_input_stem(image_size, config.pretrained_weights)}
 
 
-def new_training_state(images: torch.Tensor, num_classes: int, config: EngineConfig,
+def new_training_state(images: ImageSource, num_classes: int, config: EngineConfig,
                        device: torch.device, forget_rate: float) -> TrainingState:
     network_spec = network_spec_for(images, num_classes, config)
     networks = build_networks(network_spec, config, device)
     optimizers = [_sgd(net, config.lr, config) for net in networks]
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs) for opt in optimizers]
     dim = _vog_dim(networks[0], images, config)
-    buffers = [VoGBuffer(len(images), dim, config.vog_window) for _ in networks]
+    buffers = [VoGBuffer(num_images(images), dim, config.vog_window) for _ in networks]
     return TrainingState(networks, optimizers, schedulers, buffers, network_spec, forget_rate)
 
 
-def _vog_dim(network: nn.Module, images: torch.Tensor, config: EngineConfig) -> int:
+def _vog_dim(network: nn.Module, images: ImageSource, config: EngineConfig) -> int:
     if config.vog_method == "input_gradient":
-        return int(np.prod(images.shape[1:]))
+        return int(np.prod(image_shape(images)))
     return network.classifier.in_features + 1
 
 
 # --------------------------------------------------------------------------- one epoch
 
-def train_one_epoch(state: TrainingState, images: torch.Tensor, labels: torch.Tensor, trusted: torch.Tensor,
+def train_one_epoch(state: TrainingState, images: ImageSource, labels: torch.Tensor, trusted: torch.Tensor,
                     *, config: EngineConfig, device: torch.device, scaler, generator: torch.Generator,
                     forget_rate: float, vog_scores: list[torch.Tensor] | None,
-                    progress_bar: bool = True) -> dict:
+                    ctx: DistContext = DistContext(), progress_bar: bool = True) -> dict:
     """One Co-teaching epoch.  Returns the epoch's figures and network 1's clean mask.
 
     Each network ranks the batch with its own losses (and VoG); network 1 is
     updated on network 2's pick and vice versa, with the loss summed over the
-    pick and divided by its size.
+    pick and divided by its size.  On several ranks each computes its slice of
+    the batch and the selection runs on the gathered losses (model/distributed.py).
     """
-    for net in state.networks:
+    for net in state.trainable:
         net.train()
-    num_samples = len(images)
+    num_samples = num_images(images)
     order = torch.randperm(num_samples, generator=generator)
+    # BatchNorm cannot train on a batch of one, nor a rank on an empty slice
+    batches = [b for b in order.split(config.batch_size) if b.numel() >= 2 * ctx.world_size]
+    thetas = [draw_augmentation(b.numel(), mode=config.augment, generator=generator) for b in batches]
+    local_batches = [b[ctx.rank::ctx.world_size] for b in batches]
     clean_mask_net1 = torch.zeros(num_samples, dtype=torch.bool)
     totals = {"loss": 0.0, "kept": 0, "seen": 0}
-    batches = range(0, num_samples, config.batch_size)
-    for start in tqdm(batches, desc=f"epoch {state.epoch + 1}", leave=False, disable=not progress_bar):
-        idx = order[start:start + config.batch_size]
-        if idx.numel() < 2:  # BatchNorm cannot train on a batch of one
-            continue
-        x = augment_batch(images[idx].to(device, non_blocking=True), mode=config.augment, generator=generator)
+    loader = iterate_batches(images, local_batches, device=device, num_workers=config.num_workers)
+    for idx, theta, (_, x) in tqdm(zip(batches, thetas, loader), total=len(batches), desc=f"epoch {state.epoch + 1}",
+                                   leave=False, disable=not progress_bar or not ctx.is_main):
+        local = slice(ctx.rank, None, ctx.world_size)
+        x = apply_augmentation(x, None if theta is None else theta[local])
         y = labels[idx].to(device)
-        batch_trusted = trusted[idx].to(device)
         with autocast(device, enabled=config.amp):
-            logits = [net(x) for net in state.networks]
-            losses = [F.cross_entropy(out.float(), y, reduction="none") for out in logits]
-        picks = [select_clean_batch(loss.detach(), None if vog_scores is None else vog[idx].to(device),
-                                    y, batch_trusted, forget_rate=forget_rate, mix_ratio=config.mix_ratio,
+            logits = [net(x) for net in state.trainable]
+            local_losses = [F.cross_entropy(out.float(), y[local], reduction="none") for out in logits]
+        losses = [distributed.gather_rows(loss.detach(), ctx, idx.numel()) for loss in local_losses]
+        picks = [select_clean_batch(loss, None if vog_scores is None else vog[idx].to(device), y,
+                                    trusted[idx].to(device), forget_rate=forget_rate, mix_ratio=config.mix_ratio,
                                     class_balanced=config.selection == "class_balanced")
                  for loss, vog in zip(losses, vog_scores or [None, None])]
-        # Co-teaching: each network learns from the samples its PEER believes clean.
-        update_losses = [losses[0][picks[1]].mean(), losses[1][picks[0]].mean()]
+        # Co-teaching: each network learns from the samples its PEER believes clean.  The local sum
+        # over the global count, times the world size (DDP averages over ranks), is the global mean.
+        scale = ctx.world_size / torch.stack([p.sum() for p in picks]).clamp_min(1).float()
+        total = (local_losses[0][picks[1][local]].sum() * scale[1]
+                 + local_losses[1][picks[0][local]].sum() * scale[0])
         for opt in state.optimizers:
             opt.zero_grad(set_to_none=True)
-        total = update_losses[0] + update_losses[1]
         if scaler is not None:
             scaler.scale(total).backward()
             for opt in state.optimizers:
@@ -199,74 +214,71 @@ def train_one_epoch(state: TrainingState, images: torch.Tensor, labels: torch.Te
             for opt in state.optimizers:
                 opt.step()
         clean_mask_net1[idx[picks[0].cpu()]] = True
-        totals["loss"] += float(total.detach()) * idx.numel() / 2
+        totals["loss"] += float((losses[0][picks[1]].sum() + losses[1][picks[0]].sum()) / 2)
         totals["kept"] += int(picks[0].sum())
         totals["seen"] += idx.numel()
     for sched in state.schedulers:
         sched.step()
-    return {"train_loss": totals["loss"] / max(totals["seen"], 1),
+    return {"train_loss": totals["loss"] / max(totals["kept"], 1),
             "kept_fraction": totals["kept"] / max(totals["seen"], 1),
             "clean_mask": clean_mask_net1}
 
 
 # --------------------------------------------------------------------------- eval passes
 
-def _forward_in_batches(network: nn.Module, images: torch.Tensor, *, device, batch_size, config,
-                        each: Callable[[slice, torch.Tensor, torch.Tensor, torch.Tensor], None]) -> None:
-    """Eval-mode pass over un-augmented images; ``each(batch_slice, x, probs, features)`` per batch."""
+def _eval_pass(network: nn.Module, images: ImageSource, *, device, config, ctx: DistContext,
+               compute: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Eval-mode pass over un-augmented images, sharded over ranks and gathered on every rank.
+
+    ``compute(idx, x)`` returns per-sample rows for its batch; the result holds
+    every output for all N samples, in sample order, on the CPU.
+    """
     network.eval()
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = slice(start, start + batch_size)
-            x = images[batch].to(device, non_blocking=True)
-            with autocast(device, enabled=config.amp):
-                features = network.forward_features(x)
-                logits = network.head(features)
-            each(batch, x, torch.softmax(logits.float(), dim=1), features.float())
+    total = num_images(images)
+    batches = sequential_batches(total, config.eval_batch_size, offset=ctx.rank, stride=ctx.world_size)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for idx, x in iterate_batches(images, batches, device=device, num_workers=config.num_workers):
+        for key, rows in compute(idx, x).items():
+            parts.setdefault(key, []).append(rows.float())
+    return {key: distributed.gather_rows(torch.cat(rows), ctx, total).cpu() for key, rows in parts.items()}
 
 
-def record_vog_snapshot(state: TrainingState, images: torch.Tensor, labels: torch.Tensor, *,
-                        config: EngineConfig, device: torch.device) -> None:
+def _probs_and_features(network: nn.Module, x: torch.Tensor, config: EngineConfig, device) -> tuple:
+    with torch.inference_mode(), autocast(device, enabled=config.amp):
+        features = network.forward_features(x)
+        logits = network.head(features)
+    return torch.softmax(logits.float(), dim=1), features.float()
+
+
+def record_vog_snapshot(state: TrainingState, images: ImageSource, labels: torch.Tensor, *,
+                        config: EngineConfig, device: torch.device, ctx: DistContext = DistContext()) -> None:
     """Write this epoch's gradient snapshot of every sample into each network's ring buffer."""
     for net, buffer in zip(state.networks, state.vog_buffers):
         if config.vog_method == "input_gradient":
-            net.eval()
-            for start in range(0, len(images), config.eval_batch_size):
-                batch = slice(start, start + config.eval_batch_size)
-                grad = input_gradient(net, images[batch].to(device), labels[batch].to(device))
-                buffer.write(torch.arange(len(images))[batch], grad)
+            def compute(idx, x, net=net):
+                return {"snapshot": input_gradient(net, x, labels[idx].to(device))}
         else:
-            def write(batch, _x, probs, features, buffer=buffer):
-                snapshot = last_layer_gradient(probs, features, labels[batch].to(device))
-                buffer.write(torch.arange(len(images))[batch], snapshot)
-            _forward_in_batches(net, images, device=device, batch_size=config.eval_batch_size,
-                                config=config, each=write)
+            def compute(idx, x, net=net):
+                probs, features = _probs_and_features(net, x, config, device)
+                return {"snapshot": last_layer_gradient(probs, features, labels[idx].to(device))}
+        snapshot = _eval_pass(net, images, device=device, config=config, ctx=ctx, compute=compute)["snapshot"]
+        buffer.write(torch.arange(len(snapshot)), snapshot)
         buffer.commit()
 
 
-def predict(networks: list[nn.Module], images: torch.Tensor, *, config: EngineConfig,
-            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def predict(networks: list[nn.Module], images: ImageSource, *, config: EngineConfig, device: torch.device,
+            ctx: DistContext = DistContext()) -> tuple[np.ndarray, np.ndarray]:
     """Mean softmax of the networks (N, K) and network 1's penultimate features (N, D), as numpy."""
-    probs_sum = None
-    features_out = None
-    for index, net in enumerate(networks):
-        probs_parts, feature_parts = [], []
-
-        def collect(_batch, _x, probs, features):
-            probs_parts.append(probs.cpu())
-            if index == 0:
-                feature_parts.append(features.cpu())
-        _forward_in_batches(net, images, device=device, batch_size=config.eval_batch_size, config=config,
-                            each=collect)
-        probs = torch.cat(probs_parts).double()
-        probs_sum = probs if probs_sum is None else probs_sum + probs
-        if index == 0:
-            features_out = torch.cat(feature_parts).numpy()
-    return (probs_sum / len(networks)).numpy(), features_out
+    outputs = [_eval_pass(net, images, device=device, config=config, ctx=ctx,
+                          compute=lambda _idx, x, net=net: dict(zip(
+                              ("probs", "features"), _probs_and_features(net, x, config, device))))
+               for net in networks]
+    probs = torch.stack([out["probs"].double() for out in outputs]).mean(dim=0)
+    return probs.numpy(), outputs[0]["features"].numpy()
 
 
-def mc_dropout_probs(networks: list[nn.Module], images: torch.Tensor, *, passes: int, config: EngineConfig,
-                     device: torch.device) -> np.ndarray:
+def mc_dropout_probs(networks: list[nn.Module], images: ImageSource, *, passes: int, config: EngineConfig,
+                     device: torch.device, ctx: DistContext = DistContext()) -> np.ndarray:
     """(passes, N, K) softmax with dropout active and BatchNorm frozen, for BALD.
 
     The features are computed once per network in eval mode; only the dropout
@@ -274,10 +286,9 @@ def mc_dropout_probs(networks: list[nn.Module], images: torch.Tensor, *, passes:
     """
     samples = []
     for net in networks:
-        feats = []
-        _forward_in_batches(net, images, device=device, batch_size=config.eval_batch_size, config=config,
-                            each=lambda _b, _x, _p, features: feats.append(features))
-        features = torch.cat(feats)
+        features = _eval_pass(net, images, device=device, config=config, ctx=ctx,
+                              compute=lambda _idx, x, net=net: {"features": _probs_and_features(
+                                  net, x, config, device)[1]})["features"].to(device)
         net.dropout.train()
         with torch.inference_mode():
             for _ in range(max(passes // len(networks), 1)):
@@ -288,7 +299,7 @@ def mc_dropout_probs(networks: list[nn.Module], images: torch.Tensor, *, passes:
 
 # --------------------------------------------------------------------------- forget rate
 
-def estimate_forget_rate(images: torch.Tensor, labels: torch.Tensor, trusted: torch.Tensor, num_classes: int,
+def estimate_forget_rate(images: ImageSource, labels: torch.Tensor, trusted: torch.Tensor, num_classes: int,
                          *, config: EngineConfig, device: torch.device, generator: torch.Generator,
                          progress: Progress | None = None) -> float:
     """Estimate the share of wrong labels among the untrusted samples.
@@ -323,13 +334,13 @@ def estimate_forget_rate(images: torch.Tensor, labels: torch.Tensor, trusted: to
         opt = _sgd(net, config.lr, config)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         for epoch in range(epochs):
-            _train_plain_epoch(net, opt, images[train_idx], labels[train_idx], config=config, device=device,
-                               generator=generator)
+            _train_plain_epoch([net], [opt], take(images, train_idx), labels[train_idx], config=config,
+                               device=device, generator=generator)
             sched.step()
             if progress:
                 progress("estimating noise rate", (fold + (epoch + 1) / epochs) / folds)
         held_out = (fold_of == fold).numpy()
-        probs, _ = predict([net], images[untrusted_idx[fold_of == fold]], config=config, device=device)
+        probs, _ = predict([net], take(images, untrusted_idx[fold_of == fold]), config=config, device=device)
         out_of_fold[held_out] = probs
     rate = estimate_noise_rate(labels[untrusted_idx].numpy(), out_of_fold)
     capped = min(rate, config.max_forget_rate)
@@ -338,25 +349,28 @@ def estimate_forget_rate(images: torch.Tensor, labels: torch.Tensor, trusted: to
     return capped
 
 
-def _train_plain_epoch(net, opt, images, labels, *, config, device, generator, sample_mask=None):
-    """One epoch of plain cross-entropy (the noise-rate folds and Phase 2 fine-tuning)."""
-    net.train()
-    order = torch.randperm(len(images), generator=generator)
-    for start in range(0, len(images), config.batch_size):
-        idx = order[start:start + config.batch_size]
-        if idx.numel() < 2:
-            continue
-        x = augment_batch(images[idx].to(device), mode=config.augment, generator=generator)
-        with autocast(device, enabled=config.amp):
-            loss = F.cross_entropy(net(x).float(), labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+def _train_plain_epoch(nets, optimizers, images: ImageSource, labels, *, config, device, generator,
+                       ctx: DistContext = DistContext()):
+    """One epoch of plain cross-entropy for each network (noise-rate folds, Phase 2 fine-tuning)."""
+    for net, opt in zip(nets, optimizers):
+        net.train()
+        order = torch.randperm(num_images(images), generator=generator)
+        batches = [b for b in order.split(config.batch_size) if b.numel() >= 2 * ctx.world_size]
+        thetas = [draw_augmentation(b.numel(), mode=config.augment, generator=generator) for b in batches]
+        local = slice(ctx.rank, None, ctx.world_size)
+        loader = iterate_batches(images, [b[local] for b in batches], device=device, num_workers=config.num_workers)
+        for idx, theta, (_, x) in zip(batches, thetas, loader):
+            x = apply_augmentation(x, None if theta is None else theta[local])
+            with autocast(device, enabled=config.amp):
+                loss = F.cross_entropy(net(x).float(), labels[idx[local]].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
 
 # --------------------------------------------------------------------------- Phase 1
 
-def train_coteaching(images: torch.Tensor, labels: torch.Tensor, *, num_classes: int,
+def train_coteaching(images: ImageSource, labels: torch.Tensor, *, num_classes: int,
                      trusted: torch.Tensor | None = None, config: EngineConfig,
                      val_images: torch.Tensor | None = None, val_labels: torch.Tensor | None = None,
                      checkpoint_path: str | os.PathLike | None = None, resume: bool = False,
@@ -364,14 +378,16 @@ def train_coteaching(images: torch.Tensor, labels: torch.Tensor, *, num_classes:
                      progress_bar: bool = True) -> TrainingState:
     """Phase 1: Co-teaching with loss selection up to Tk, loss U VoG selection after.
 
-    ``images`` (N, C, H, W) float in [0, 1] and ``labels`` (N,) long stay on the
-    CPU; batches move to the device.  With validation data the networks of the
+    ``images`` (N, C, H, W) float in [0, 1] (or a model.sources.FileImages) and
+    ``labels`` (N,) long stay on the CPU; batches move to the device.  Under
+    torchrun every rank runs this same function (model/distributed.py).  With validation data the networks of the
     epoch with the best ensemble macro-F1 are kept for Phase 2 (the original went
     on from the last epoch).  The LNL clean set is network 1's selection in the
     final epoch, plus every trusted sample.  With ``checkpoint_path`` a checkpoint
     is written atomically after every epoch; ``resume`` continues from it.
     """
     device = select_device(config.device)
+    ctx = distributed.current()
     generator = seed_everything(config.seed)
     trusted = torch.zeros(len(labels), dtype=torch.bool) if trusted is None else trusted
     scaler = make_grad_scaler(device, enabled=config.amp)
@@ -383,9 +399,13 @@ def train_coteaching(images: torch.Tensor, labels: torch.Tensor, *, num_classes:
     else:
         forget_rate = config.forget_rate
         if forget_rate is None:
-            forget_rate = estimate_forget_rate(images, labels, trusted, num_classes, config=config,
-                                               device=device, generator=generator, progress=progress)
+            if ctx.is_main:  # one rank estimates, the others wait for its figure
+                forget_rate = estimate_forget_rate(images, labels, trusted, num_classes, config=config,
+                                                   device=device, generator=generator, progress=progress)
+            forget_rate = distributed.broadcast_float(forget_rate, ctx, device)
+            generator = seed_everything(config.seed + 1)  # every rank continues from the same stream
         state = new_training_state(images, num_classes, config, device, forget_rate)
+    state.wrapped = [distributed.wrap(net, ctx, device) for net in state.networks] if ctx.enabled else None
     first_vog_epoch = max(1, config.tk - config.vog_window + 1)
     while state.epoch < config.epochs:
         epoch = state.epoch + 1
@@ -393,15 +413,15 @@ def train_coteaching(images: torch.Tensor, labels: torch.Tensor, *, num_classes:
         use_vog = epoch > config.tk and config.mix_ratio > 0 and all(b.ready for b in state.vog_buffers)
         vog_scores = [torch.from_numpy(b.scores()).float() for b in state.vog_buffers] if use_vog else None
         stats = train_one_epoch(state, images, labels, trusted, config=config, device=device, scaler=scaler,
-                                generator=generator, forget_rate=rate, vog_scores=vog_scores,
+                                generator=generator, forget_rate=rate, vog_scores=vog_scores, ctx=ctx,
                                 progress_bar=progress_bar)
         if epoch >= first_vog_epoch:
-            record_vog_snapshot(state, images, labels, config=config, device=device)
+            record_vog_snapshot(state, images, labels, config=config, device=device, ctx=ctx)
         state.epoch = epoch
         state.lnl_clean_mask = stats.pop("clean_mask") | trusted
         record = {"epoch": epoch, "forget_rate": rate, "vog_selection": use_vog, **stats}
         if val_images is not None:
-            val_probs, _ = predict(state.networks, val_images, config=config, device=device)
+            val_probs, _ = predict(state.networks, val_images, config=config, device=device, ctx=ctx)
             record["val_macro_f1"] = macro_f1(val_labels.numpy(), val_probs.argmax(1), num_classes=num_classes)
             if record["val_macro_f1"] > state.best_score:
                 state.best_score = record["val_macro_f1"]
@@ -413,8 +433,10 @@ def train_coteaching(images: torch.Tensor, labels: torch.Tensor, *, num_classes:
         state.generator_state = generator.get_state()
         if progress:
             progress("co-teaching", epoch / config.epochs)
-        if checkpoint_path:
+        if checkpoint_path and ctx.is_main:
             save_checkpoint(state, checkpoint_path, config=config, extra=checkpoint_extra)
+        distributed.barrier(ctx)
+    state.wrapped = None
     if state.best_states is not None:
         for net, best in zip(state.networks, state.best_states):
             net.load_state_dict(best)
@@ -424,7 +446,7 @@ def train_coteaching(images: torch.Tensor, labels: torch.Tensor, *, num_classes:
 
 # --------------------------------------------------------------------------- Phase 2
 
-def finetune(state: TrainingState, images: torch.Tensor, labels: torch.Tensor, train_mask: torch.Tensor, *,
+def finetune(state: TrainingState, images: ImageSource, labels: torch.Tensor, train_mask: torch.Tensor, *,
              config: EngineConfig, progress: Progress | None = None) -> None:
     """Phase 2: fine-tune both networks with cross-entropy on the trusted set.
 
@@ -435,16 +457,19 @@ def finetune(state: TrainingState, images: torch.Tensor, labels: torch.Tensor, t
     if train_idx.numel() < 2:
         raise ValueError(f"the trusted set has {train_idx.numel()} samples; fine-tuning needs at least 2")
     device = select_device(config.device)
+    ctx = distributed.current()
     generator = seed_everything(config.seed + state.epoch + 1)
-    x, y = images[train_idx], labels[train_idx]
-    for net in state.networks:
-        opt = _sgd(net, config.finetune_lr, config)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.finetune_epochs, 1))
-        for epoch in range(config.finetune_epochs):
-            _train_plain_epoch(net, opt, x, y, config=config, device=device, generator=generator)
+    x, y = take(images, train_idx), labels[train_idx]
+    nets = [distributed.wrap(net, ctx, device) for net in state.networks]
+    optimizers = [_sgd(net, config.finetune_lr, config) for net in state.networks]
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.finetune_epochs, 1))
+                  for opt in optimizers]
+    for epoch in range(config.finetune_epochs):
+        _train_plain_epoch(nets, optimizers, x, y, config=config, device=device, generator=generator, ctx=ctx)
+        for sched in schedulers:
             sched.step()
-            if progress:
-                progress("fine-tuning", (epoch + 1) / config.finetune_epochs)
+        if progress:
+            progress("fine-tuning", (epoch + 1) / config.finetune_epochs)
     state.epoch += config.finetune_epochs
 
 

@@ -100,22 +100,29 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, *, image_size: int,
     return array[..., None] if channels == 1 else array
 
 
-def augment_batch(images: torch.Tensor, *, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Random translation by up to 1/8 of the image (and a horizontal flip with "shift_flip").
+def draw_augmentation(count: int, *, mode: str, generator: torch.Generator) -> torch.Tensor | None:
+    """Affine parameters (count, 2, 3) for a random translation by up to 1/8 of the image
+    (and a horizontal flip with "shift_flip"); None for "none".
 
-    Done on the batch's own device with one affine resampling, so it costs the
-    same on a GPU as a DataLoader transform would without the worker processes.
+    Drawn for a whole batch from the shared generator, so that ranks of a
+    distributed run, each applying its own slice, augment exactly as one process.
     """
     if mode == "none":
-        return images
-    n = images.shape[0]
-    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.25  # affine_grid units: 0.25 = 1/8 image
-    scale_x = torch.ones(n)
+        return None
+    shift = (torch.rand(count, 2, generator=generator) * 2 - 1) * 0.25  # affine_grid units: 0.25 = 1/8 image
+    scale_x = torch.ones(count)
     if mode == "shift_flip":
-        scale_x = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
+        scale_x = torch.where(torch.rand(count, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(count, 2, 3)
     theta[:, 0, 0] = scale_x
     theta[:, 1, 1] = 1.0
     theta[:, :, 2] = shift
+    return theta
+
+
+def apply_augmentation(images: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
+    """Resample the batch with the affine parameters, on the batch's own device (no-op for None)."""
+    if theta is None:
+        return images
     grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -15,17 +15,28 @@ from typing import Callable
 import numpy as np
 import torch
 
+from torch.utils.data import Dataset
+
+from model import distributed
 from model.coteaching import (TrainingState, finetune, load_checkpoint, mc_dropout_probs, predict,
                               save_checkpoint, train_coteaching)
 from model.config import EngineConfig
 from model.data import as_image_array, load_image, to_tensor
 from model.device import select_device
+from model.sources import FileImages, ImageSource, image_shape, num_images
 from selection import rank, scores
 from selection._validation import check_labels
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EngineConfig", "EngineResult", "load_image", "train_and_score", "score_images"]
+__all__ = ["EngineConfig", "EngineResult", "FileImages", "load_image", "train_and_score", "score_images"]
+
+
+def as_source(images) -> ImageSource:
+    """A FileImages (or any Dataset of (C, H, W) tensors) as it is; arrays validated into one tensor."""
+    if isinstance(images, Dataset):
+        return images
+    return to_tensor(as_image_array(images))
 
 
 @dataclass
@@ -49,6 +60,13 @@ class EngineResult:
     forget_rate: float | None = None
     history: list[dict] | None = None
 
+    def save_scores(self, path: str | os.PathLike) -> None:
+        """The per-sample results as .npz, with the keys of ../shared/INTERFACES.md (scores.npz)."""
+        np.savez(path, priority=self.priority, ls_score=self.ls_score, loss=self.loss, vog=self.vog_scores,
+                 pred_probs=self.pred_probs, lnl_clean_mask=self.lnl_clean_mask,
+                 prob_label_wrong=self.prob_label_wrong, predicted_labels=self.predicted_labels,
+                 sample_ids=self.sample_ids)
+
 
 def train_and_score(images, labels, *, sample_ids=None, class_names, trusted_mask=None,
                     previous_checkpoint: str | os.PathLike | None = None,
@@ -60,7 +78,8 @@ def train_and_score(images, labels, *, sample_ids=None, class_names, trusted_mas
 
     Parameters
     ----------
-    images : (N, H, W[, C]) uint8 or float in [0, 1], one size for all.
+    images : (N, H, W[, C]) uint8 or float in [0, 1], one size for all; or a
+        :class:`model.sources.FileImages` that streams them from disk (large projects).
     labels : (N,) int in [0, K): the given labels, with the experts' labels
         already written in where ``trusted_mask`` is set.
     sample_ids : (N,) int, stable ids (default 0..N-1).
@@ -79,10 +98,10 @@ def train_and_score(images, labels, *, sample_ids=None, class_names, trusted_mas
     class_names = [str(name) for name in class_names]
     if len(class_names) < 2:
         raise ValueError(f"at least 2 classes are needed to train a classifier, got {class_names}")
-    images = as_image_array(images)
+    x = as_source(images)
     labels = check_labels(labels, len(class_names))
-    if len(labels) != len(images):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(labels) != num_images(x):
+        raise ValueError(f"{num_images(x)} images but {len(labels)} labels")
     if len(np.unique(labels)) < 2:
         raise ValueError(f"the labels name a single class ({class_names[labels[0]]!r}); the noise-robust "
                          "training needs samples of at least 2 classes")
@@ -93,7 +112,7 @@ def train_and_score(images, labels, *, sample_ids=None, class_names, trusted_mas
     if trusted_mask.shape != labels.shape:
         raise ValueError(f"trusted_mask must have shape {labels.shape}, got {trusted_mask.shape}")
 
-    x, y, trusted = to_tensor(images), torch.from_numpy(labels), torch.from_numpy(trusted_mask)
+    y, trusted = torch.from_numpy(labels), torch.from_numpy(trusted_mask)
     val = (None, None) if val_images is None else (to_tensor(as_image_array(val_images)),
                                                     torch.from_numpy(check_labels(val_labels, len(class_names))))
     previous = _fine_tunable(previous_checkpoint, class_names, x, config)
@@ -117,7 +136,10 @@ def train_and_score(images, labels, *, sample_ids=None, class_names, trusted_mas
         vog = np.full(len(labels), np.nan)
         vog[seen] = saved["vog_scores"].numpy()[position[seen]]
     extra["vog_scores"] = torch.from_numpy(vog)
-    save_checkpoint(state, checkpoint_path, config=config, extra=extra)
+    ctx = distributed.current()
+    if ctx.is_main:
+        save_checkpoint(state, checkpoint_path, config=config, extra=extra)
+    distributed.barrier(ctx)
     result = _score(state, x, labels, sample_ids, class_names, trusted_mask, vog, config)
     result.history = state.history
     return result
@@ -134,20 +156,20 @@ def score_images(checkpoint_path: str | os.PathLike, images, labels=None, *, sam
     state, saved = load_checkpoint(checkpoint_path, device=None if config is None else select_device(config.device))
     config = config or EngineConfig.from_dict(saved["config"])
     class_names = list(saved["class_names"])
-    images = as_image_array(images)
-    labels = np.full(len(images), -1, np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-    if labels.shape != (len(images),) or labels.min(initial=0) < -1 or labels.max(initial=0) >= len(class_names):
+    x = as_source(images)
+    count = num_images(x)
+    labels = np.full(count, -1, np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    if labels.shape != (count,) or labels.min(initial=0) < -1 or labels.max(initial=0) >= len(class_names):
         raise ValueError(f"labels must be (N,) in [-1, {len(class_names)}), -1 = unknown")
     spec = state.network_spec
-    expected = (spec["image_size"], spec["image_size"], spec["in_channels"])
-    if images.shape[1:] != expected:
-        raise ValueError(f"images are {images.shape[1:]} but the model was trained on {expected} (H, W, C)")
-    sample_ids = np.arange(len(images)) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
-    return _score(state, to_tensor(images), labels, sample_ids, class_names, np.zeros(len(images), bool),
-                  np.full(len(images), np.nan), config)
+    expected = (spec["in_channels"], spec["image_size"], spec["image_size"])
+    if image_shape(x) != expected:
+        raise ValueError(f"images are {image_shape(x)} but the model was trained on {expected} (C, H, W)")
+    sample_ids = np.arange(count) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
+    return _score(state, x, labels, sample_ids, class_names, np.zeros(count, bool), np.full(count, np.nan), config)
 
 
-def _fine_tunable(previous_checkpoint, class_names, images: torch.Tensor, config: EngineConfig):
+def _fine_tunable(previous_checkpoint, class_names, images: ImageSource, config: EngineConfig):
     if previous_checkpoint is None:
         return None
     state, saved = load_checkpoint(previous_checkpoint, device=select_device(config.device), config=config)
@@ -156,7 +178,8 @@ def _fine_tunable(previous_checkpoint, class_names, images: torch.Tensor, config
         logger.warning("The classes changed (%s -> %s): running Phase 1 again instead of fine-tuning",
                        list(saved["class_names"]), class_names)
         return None
-    if (spec["in_channels"], spec["image_size"]) != (images.shape[1], images.shape[-1]):
+    channels, _, size = image_shape(images)
+    if (spec["in_channels"], spec["image_size"]) != (channels, size):
         logger.warning("The image shape changed: running Phase 1 again instead of fine-tuning")
         return None
     return state, saved
@@ -168,10 +191,11 @@ def _positions(saved_ids: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
     return np.asarray([lookup.get(int(sid), -1) for sid in sample_ids], dtype=np.int64)
 
 
-def _score(state: TrainingState, images: torch.Tensor, labels: np.ndarray, sample_ids, class_names,
+def _score(state: TrainingState, images: ImageSource, labels: np.ndarray, sample_ids, class_names,
            trusted_mask, vog, config: EngineConfig) -> EngineResult:
     device = select_device(config.device)
-    pred_probs, embeddings = predict(state.networks, images, config=config, device=device)
+    ctx = distributed.current()
+    pred_probs, embeddings = predict(state.networks, images, config=config, device=device, ctx=ctx)
     pred_probs = pred_probs / pred_probs.sum(axis=1, keepdims=True)
     known = labels >= 0
     loss = np.full(len(labels), np.nan)
@@ -186,7 +210,7 @@ def _score(state: TrainingState, images: torch.Tensor, labels: np.ndarray, sampl
     mc = None
     if config.mc_dropout_passes > 0:
         mc = mc_dropout_probs(state.networks, images, passes=config.mc_dropout_passes, config=config,
-                              device=device)
+                              device=device, ctx=ctx)
     clean = state.lnl_clean_mask.numpy() if state.lnl_clean_mask is not None and \
         len(state.lnl_clean_mask) == len(labels) else np.zeros(len(labels), bool)
     return EngineResult(

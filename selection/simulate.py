@@ -174,12 +174,6 @@ def run_rounds(train, test, phase1, *, sampler: str, args, config, out: Path, nu
             "errors_fixed_per_relabel": float((relabelled & wrong).sum() / spent) if spent else None}
 
 
-def write_scores(out: Path, result) -> None:
-    np.savez(out / "scores.npz", priority=result.priority, ls_score=result.ls_score, loss=result.loss,
-             vog=result.vog_scores, pred_probs=result.pred_probs, lnl_clean_mask=result.lnl_clean_mask,
-             prob_label_wrong=result.prob_label_wrong, predicted_labels=result.predicted_labels)
-
-
 def write_summary(out: Path, report: dict) -> None:
     p1 = report["phase1"]
     lines = ["# Simulation summary", "", f"Command: `{report['command']}`", "",
@@ -290,7 +284,7 @@ def run(args) -> dict:
     phase1 = train_and_score(train.images, train.labels, class_names=train.class_names,
                              checkpoint_path=out / "checkpoints" / "phase1.pt", config=config,
                              progress_bar=not args.quiet)
-    write_scores(out, phase1)
+    phase1.save_scores(out / "scores.npz")
     truth = train.labels_true if train.labels_true is not None else train.labels
     report = {
         "command": args.command,
