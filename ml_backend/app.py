@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from .labelconfig import LabelConfigError, parse_label_config
 from .ls_client import LabelStudioClient
 from .model import NoiseRobustImageClassifier, parse_project_id
-from .queue import QueueUnavailable, RQTrainingQueue, ThreadTrainingQueue, make_redis
+from .training_queue import QueueUnavailable, RQTrainingQueue, ThreadTrainingQueue, make_redis
 from .settings import Settings
 from .store import ProjectStore, ResultsCache
 from .training import config_fingerprint, run_training_job

@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import time
 from typing import Callable
 
@@ -239,8 +240,11 @@ def train_project_job(project_id: int, reason: str = "") -> dict:
     """rq entry point: claim the pending slot, hold the project's running lock, train."""
     from rq import get_current_job
 
-    from .queue import claim_pending, running_lock
+    from .training_queue import claim_pending, running_lock
 
+    if not logging.getLogger().handlers:      # an rq worker configures only its own logger
+        logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
     job = get_current_job()
     if job is None:
