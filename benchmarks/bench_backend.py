@@ -1,0 +1,197 @@
+"""Benchmark of the ML backend: /predict latency from the cache, and pushing 1,000 predictions.
+
+    python benchmarks/bench_backend.py                    # starts its own Label Studio (needs .ls-venv)
+    python benchmarks/bench_backend.py --ls-url http://127.0.0.1:8080 --ls-token <legacy token>
+    python benchmarks/bench_backend.py --no-label-studio  # push against the in-process fake API only
+
+Writes a table under "## ML backend (benchmarks/bench_backend.py)" in benchmarks/RESULTS.md,
+replacing only that section.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ml_backend.app import create_app  # noqa: E402
+from ml_backend.labelconfig import parse_label_config  # noqa: E402
+from ml_backend.ls_client import LabelStudioClient  # noqa: E402
+from ml_backend.settings import Settings  # noqa: E402
+from ml_backend.store import ProjectStore, atomic_write_json  # noqa: E402
+from ml_backend.training import prediction_for  # noqa: E402
+
+SECTION = "## ML backend (benchmarks/bench_backend.py)"
+CONFIG = ("<View><Image name=\"image\" value=\"$image\"/><Choices name=\"label\" toName=\"image\" "
+          "choice=\"single\">" + "".join(f'<Choice value="{k}"/>' for k in range(10)) + "</Choices></View>")
+
+
+def record(tid: int) -> dict:
+    return {"suggested": str(tid % 10), "given": str((tid + 1) % 10), "trusted": False,
+            "score": (tid % 997) / 997, "prob_label_wrong": 0.5, "loss": 1.0, "vog": 0.1, "priority": 0.5}
+
+
+def write_version(model_dir: str, project: int, n_tasks: int) -> str:
+    store = ProjectStore(model_dir, project)
+    version = store.next_version()
+    tmp = store.begin(version)
+    atomic_write_json(tmp / "results.json", {"version": version, "project": project,
+                                             "class_names": [str(k) for k in range(10)],
+                                             "items": {str(t): record(t) for t in range(1, n_tasks + 1)}})
+    atomic_write_json(tmp / "meta.json", {"version": version})
+    store.commit(version, tmp)
+    return version
+
+
+def bench_predict(n_tasks: int = 100, repeats: int = 200) -> dict:
+    """Median / p95 latency of POST /predict for n_tasks cached tasks (Flask test client and
+    real HTTP on loopback through Werkzeug's threaded server)."""
+    from werkzeug.serving import make_server
+
+    with tempfile.TemporaryDirectory() as model_dir:
+        settings = Settings(model_dir=model_dir, use_redis=False, label_studio_url="http://127.0.0.1:9")
+        write_version(model_dir, 1, 10_000)
+        app = create_app(settings)
+        tasks = [{"id": t, "data": {"image": f"/data/upload/1/{t}.png", "label": "3"}, "annotations": [],
+                  "predictions": []} for t in range(1, n_tasks + 1)]
+        body = {"tasks": tasks, "project": "1.1700000000", "label_config": CONFIG, "params": {}}
+        client = app.test_client()
+        assert len(client.post("/predict", json=body).get_json()["results"]) == n_tasks   # warm-up + load
+        inproc = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            client.post("/predict", json=body)
+            inproc.append(time.perf_counter() - t0)
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{server.server_port}/predict"
+        session = requests.Session()
+        payload = json.dumps(body)
+        http = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            r = session.post(url, data=payload, headers={"Content-Type": "application/json"})
+            http.append(time.perf_counter() - t0)
+            assert r.status_code == 200
+        server.shutdown()
+    q = lambda xs, p: sorted(xs)[int(p * (len(xs) - 1))] * 1000  # noqa: E731
+    return {"test_client_median_ms": statistics.median(inproc) * 1000, "test_client_p95_ms": q(inproc, 0.95),
+            "http_median_ms": statistics.median(http) * 1000, "http_p95_ms": q(http, 0.95)}
+
+
+def bench_push(ls_url: str, api_key: str, n_tasks: int = 1000, batch_sizes=(100, 500, 1000)) -> list[dict]:
+    """Time to push predictions for n_tasks tasks in bulk, per batch size (a fresh project each)."""
+    client = LabelStudioClient(ls_url, api_key, timeout=300)
+    info = parse_label_config(CONFIG)
+    rows = []
+    for batch in batch_sizes:
+        project = client.request("POST", "/api/projects", json={"title": f"bench push {batch}",
+                                                                 "label_config": CONFIG})["id"]
+        client.request("POST", f"/api/projects/{project}/import", timeout=300,
+                       json=[{"image": f"/data/upload/none/{i}.png", "label": str(i % 10)} for i in range(n_tasks)])
+        ids = [t["id"] for t in client.iter_tasks(project, page_size=500)]
+        preds = [dict(prediction_for(record(i), info, "bench-v1"), task=tid) for i, tid in enumerate(ids)]
+        t0 = time.perf_counter()
+        created = client.import_predictions(project, preds, batch_size=batch)
+        push = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        client.patch_project(project, model_version="bench-v1")
+        patch = time.perf_counter() - t0
+        rows.append({"batch": batch, "tasks": len(ids), "created": created, "push_s": push, "patch_s": patch})
+    return rows
+
+
+def write_results(text: str, path: Path = REPO / "benchmarks" / "RESULTS.md") -> None:
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = old.find(SECTION)
+    if start == -1:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + text + (old[end + 1:] if end != -1 else "")
+    path.write_text(new.rstrip("\n") + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ls-url")
+    parser.add_argument("--ls-token", default=os.environ.get("LABEL_STUDIO_API_KEY", ""))
+    parser.add_argument("--no-label-studio", action="store_true")
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+
+    pred = bench_predict(repeats=args.repeats)
+    print("predict:", pred, flush=True)
+
+    stack = None
+    target = "real Label Studio 1.23.2"
+    try:
+        if args.no_label_studio:
+            from tests.test_backend_fake_ls import LEGACY_TOKEN, FakeLabelStudio
+            fake = FakeLabelStudio().__enter__()
+            fake.add_project(1)
+            target = "in-process fake Label Studio API (NOT the real server)"
+            rows = []
+            for batch in (100, 500, 1000):
+                fake.predictions.clear()
+                fake.tasks.clear()
+                for t in range(1, 1001):
+                    fake.tasks[t] = {"id": t, "project": 1, "data": {}, "annotations": []}
+                client = LabelStudioClient(fake.url, LEGACY_TOKEN)
+                info = parse_label_config(CONFIG)
+                preds = [dict(prediction_for(record(t), info, "bench-v1"), task=t) for t in range(1, 1001)]
+                t0 = time.perf_counter()
+                created = client.import_predictions(1, preds, batch_size=batch)
+                rows.append({"batch": batch, "tasks": 1000, "created": created,
+                             "push_s": time.perf_counter() - t0, "patch_s": float("nan")})
+        else:
+            url, token = args.ls_url, args.ls_token
+            if not url:
+                from ml_backend.demo import Stack
+                stack = Stack(Path(tempfile.mkdtemp(prefix="alr-bench-")))
+                stack.start_label_studio()
+                url, token = stack.ls_url, stack.token
+            rows = bench_push(url, token)
+    finally:
+        if stack is not None:
+            stack.stop()
+    for row in rows:
+        print("push:", row, flush=True)
+
+    cmd = "python benchmarks/bench_backend.py" + (" --no-label-studio" if args.no_label_studio else "")
+    lines = [SECTION, "",
+             f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, "
+             f"Python {platform.python_version()}).", "",
+             f"`/predict` for 100 tasks answered from the cached results of a 10,000-task version "
+             f"({args.repeats} requests after one warm-up):", "",
+             "| path | median (ms) | p95 (ms) |", "|---|---|---|",
+             f"| Flask test client (in process) | {pred['test_client_median_ms']:.2f} | {pred['test_client_p95_ms']:.2f} |",
+             f"| HTTP on loopback (Werkzeug threaded server) | {pred['http_median_ms']:.2f} | {pred['http_p95_ms']:.2f} |",
+             "", f"Pushing predictions for 1,000 tasks (`POST /api/projects/<id>/import/predictions`, "
+             f"then `PATCH model_version`) against the {target}:", "",
+             "| batch size | requests | created | push (s) | PATCH (s) | predictions / s |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['batch']} | {-(-row['tasks'] // row['batch'])} | {row['created']} | "
+                     f"{row['push_s']:.2f} | {row['patch_s']:.2f} | {row['created'] / row['push_s']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        write_results(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""End to end: the real Label Studio 1.23.2 + redis-server + this backend + an rq worker + the real engine.
+
+Needs ``bash scripts/setup_label_studio.sh`` (Label Studio in .ls-venv) and
+``apt-get install -y redis-server``.  Run: ``pytest -m e2e tests/e2e`` (about 3-5 minutes on
+2 CPU cores: ~60 s Label Studio start-up, ~40 s Phase 1 on 8 px images, a few s Phase 2).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from ml_backend.demo import LS, REPO, Stack, build_demo_project, make_digits_project
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+N_IMAGES = 200
+NOISE_RATE = 0.2
+BACKEND_ENV = {   # small and fast: digits are 8x8 originally; 30 epochs of a small CNN
+    "ALR_IMAGE_SIZE": "8", "ALR_CHANNELS": "1", "ALR_EPOCHS": "30", "ALR_FINETUNE_EPOCHS": "5",
+    "ALR_FORGET_RATE": str(NOISE_RATE), "ALR_SEED": "0", "LOG_LEVEL": "INFO",
+}
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    if not (REPO / ".ls-venv" / "bin" / "label-studio").exists():
+        pytest.skip("Label Studio is not installed: bash scripts/setup_label_studio.sh")
+    workdir = tmp_path_factory.mktemp("e2e")
+    stack = Stack(workdir)
+    timings = {}
+    try:
+        t0 = time.monotonic()
+        stack.start_redis()
+        stack.start_label_studio()
+        timings["label_studio_start"] = time.monotonic() - t0
+        ls = LS(stack.ls_url, stack.token)
+        stack.start_backend(ls.create_pat(), BACKEND_ENV)          # a personal access token
+        data = make_digits_project(n_images=N_IMAGES, noise_rate=NOISE_RATE, seed=0)
+        project_id, ml_id, mapping = build_demo_project(stack, ls, data)
+        truth = {tid: (data.given[i], data.truth[i]) for tid, i in mapping.items()}
+        t1 = time.monotonic()
+        ls.train(ml_id)                   # the Start Training button -> START_TRAINING webhook
+        ls.wait_model_version(project_id, timeout=400)
+        wait_idle(stack, project_id)      # connecting / setting the sampling sent PROJECT_UPDATED too
+        version = ls.project(project_id)["model_version"]
+        timings["first_version"] = time.monotonic() - t1
+        yield {"stack": stack, "ls": ls, "project": project_id, "ml": ml_id, "truth": truth,
+               "version": version, "timings": timings, "workdir": workdir}
+    finally:
+        stack.stop()
+        for name in ("backend", "worker"):
+            log = Path(workdir) / f"{name}.log"
+            if log.exists():
+                print(f"--- {name}.log (tail) ---\n" + log.read_text()[-4000:])
+
+
+def wait_idle(stack: Stack, project_id: int, timeout: float = 400) -> None:
+    """Until the backend has no running and no pending training job for the project."""
+    deadline = time.monotonic() + timeout
+    idle_since = None
+    while time.monotonic() < deadline:
+        st = requests.get(f"{stack.backend_url}/is_training", params={"project": project_id}, timeout=10).json()
+        if not st["is_training"] and not st["pending_job"]:
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > 1.0:
+                return
+        else:
+            idle_since = None
+        time.sleep(0.5)
+    raise TimeoutError("training did not finish")
+
+
+def current_predictions(ls: LS, project_id: int, version: str) -> dict[int, dict]:
+    return {p["task"]: p for p in ls.predictions(project_id) if p["model_version"] == version}
+
+
+def test_every_task_has_a_prediction_of_the_current_version(e2e):
+    ls, pid, version = e2e["ls"], e2e["project"], e2e["version"]
+    assert ls.project(pid)["model_version"] == version
+    preds = current_predictions(ls, pid, version)
+    assert set(preds) == set(e2e["truth"])
+    item = next(iter(preds.values()))
+    region = item["result"][0]
+    assert region["type"] == "choices" and region["from_name"] == "label" and region["to_name"] == "image"
+    assert {"given_label", "prob_label_wrong", "loss", "vog"} <= set(region["meta"])
+    print("timings:", e2e["timings"])
+
+
+def test_lowest_scores_are_mostly_truly_mislabelled(e2e):
+    preds = current_predictions(e2e["ls"], e2e["project"], e2e["version"])
+    lowest = sorted(preds, key=lambda tid: preds[tid]["score"])[:20]
+    wrong = {tid for tid, (given, true) in e2e["truth"].items() if given != true}
+    precision = len(wrong & set(lowest)) / 20
+    noise = len(wrong) / len(e2e["truth"])
+    print(f"precision@20 = {precision:.2f} (noise rate {noise:.2f})")
+    assert precision >= max(0.5, 2.5 * noise)
+    e2e["lowest"] = lowest
+
+
+def test_next_task_under_uncertainty_sampling_is_from_the_top_list(e2e):
+    ls, pid = e2e["ls"], e2e["project"]
+    assert ls.project(pid)["sampling"] == "Uncertainty sampling"
+    preds = current_predictions(ls, pid, e2e["version"])
+    lowest = sorted(preds, key=lambda tid: preds[tid]["score"])[:20]
+    task = ls.call("GET", f"/api/projects/{pid}/next")
+    assert task["id"] in lowest, (task["id"], lowest)
+    e2e["next_task"] = task["id"]
+
+
+def test_relabel_through_the_api_makes_a_new_version_with_that_label_trusted(e2e):
+    ls, pid, old = e2e["ls"], e2e["project"], e2e["version"]
+    tid = e2e.get("next_task") or min(current_predictions(ls, pid, old).items(), key=lambda kv: kv[1]["score"])[0]
+    given, true = e2e["truth"][tid]
+    t0 = time.monotonic()
+    ls.call("POST", f"/api/tasks/{tid}/annotations", json={
+        "result": [{"from_name": "label", "to_name": "image", "type": "choices",
+                    "value": {"choices": [str(true)]}}], "was_cancelled": False})
+    new = ls.wait_model_version(pid, not_in={old}, timeout=300)      # ANNOTATION_CREATED webhook -> job
+    wait_idle(e2e["stack"], pid)
+    new = ls.project(pid)["model_version"]
+    print(f"relabel -> new version in {time.monotonic() - t0:.1f}s")
+    meta = json.loads((Path(e2e["workdir"]) / "models" / f"project-{pid}" / "versions" / new / "meta.json").read_text())
+    assert meta["phase"] == 2 and tid in meta["trusted_task_ids"]
+    assert meta["trained_task_labels"][str(tid)] == true
+    preds = current_predictions(ls, pid, new)
+    assert set(preds) == set(e2e["truth"])
+    assert preds[tid]["result"][0]["meta"]["trusted"] is True
+
+
+def test_health_reports_everything(e2e):
+    body = requests.get(f"{e2e['stack'].backend_url}/health", timeout=10).json()
+    assert body["queue"]["redis"] is True and body["queue"]["workers"] >= 1
+    assert body["label_studio"]["reachable"] is True
+    assert body["model_versions"][str(e2e["project"])].startswith("alr-v")
