@@ -96,20 +96,30 @@ def bench_push(ls_url: str, api_key: str, n_tasks: int = 1000, batch_sizes=(100,
     client = LabelStudioClient(ls_url, api_key, timeout=300)
     info = parse_label_config(CONFIG)
     rows = []
-    for batch in batch_sizes:
+    for batch in (None, *batch_sizes):      # None: an untimed warm-up round
+        n = 100 if batch is None else n_tasks
         project = client.request("POST", "/api/projects", json={"title": f"bench push {batch}",
                                                                  "label_config": CONFIG})["id"]
         client.request("POST", f"/api/projects/{project}/import", timeout=300,
-                       json=[{"image": f"/data/upload/none/{i}.png", "label": str(i % 10)} for i in range(n_tasks)])
+                       json=[{"image": f"/data/upload/none/{i}.png", "label": str(i % 10)} for i in range(n)])
         ids = [t["id"] for t in client.iter_tasks(project, page_size=500)]
         preds = [dict(prediction_for(record(i), info, "bench-v1"), task=tid) for i, tid in enumerate(ids)]
         t0 = time.perf_counter()
-        created = client.import_predictions(project, preds, batch_size=batch)
+        created = client.import_predictions(project, preds, batch_size=batch or 100)
         push = time.perf_counter() - t0
         t0 = time.perf_counter()
         client.patch_project(project, model_version="bench-v1")
         patch = time.perf_counter() - t0
+        if batch is None:
+            continue
         rows.append({"batch": batch, "tasks": len(ids), "created": created, "push_s": push, "patch_s": patch})
+    # for comparison: one prediction per request (POST /api/predictions), 100 of them, x10
+    t0 = time.perf_counter()
+    for pred in preds[:100]:
+        client.request("POST", "/api/predictions", json={**pred, "project": project})
+    single = (time.perf_counter() - t0) * len(preds) / 100
+    rows.append({"batch": 1, "tasks": len(ids), "created": len(ids), "push_s": single, "patch_s": float("nan"),
+                 "note": "POST /api/predictions one by one; 100 timed, x10"})
     return rows
 
 
@@ -132,6 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
+    import logging
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     pred = bench_predict(repeats=args.repeats)
     print("predict:", pred, flush=True)
@@ -171,7 +183,8 @@ def main(argv=None) -> int:
     for row in rows:
         print("push:", row, flush=True)
 
-    cmd = "python benchmarks/bench_backend.py" + (" --no-label-studio" if args.no_label_studio else "")
+    cmd = "python benchmarks/bench_backend.py" + (" --no-label-studio" if args.no_label_studio else "") + \
+        (f" --ls-url {args.ls_url} --ls-token <token>" if args.ls_url else "")
     lines = [SECTION, "",
              f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, "
              f"Python {platform.python_version()}).", "",
@@ -182,10 +195,12 @@ def main(argv=None) -> int:
              f"| HTTP on loopback (Werkzeug threaded server) | {pred['http_median_ms']:.2f} | {pred['http_p95_ms']:.2f} |",
              "", f"Pushing predictions for 1,000 tasks (`POST /api/projects/<id>/import/predictions`, "
              f"then `PATCH model_version`) against the {target}:", "",
-             "| batch size | requests | created | push (s) | PATCH (s) | predictions / s |", "|---|---|---|---|---|---|"]
+             "| batch size | requests | created | push (s) | PATCH (s) | predictions / s | note |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['batch']} | {-(-row['tasks'] // row['batch'])} | {row['created']} | "
-                     f"{row['push_s']:.2f} | {row['patch_s']:.2f} | {row['created'] / row['push_s']:.0f} |")
+                     f"{row['push_s']:.2f} | {row['patch_s']:.2f} | {row['created'] / row['push_s']:.0f} | "
+                     f"{row.get('note', '')} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

@@ -16,7 +16,7 @@ import redis
 from rq.job import Job
 
 from ml_backend.app import create_app
-from ml_backend.queue import RQTrainingQueue
+from ml_backend.training_queue import RQTrainingQueue
 from ml_backend.settings import Settings
 from ml_backend.store import ProjectStore
 from tests.conftest import REPO, free_port
