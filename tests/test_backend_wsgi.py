@@ -1,0 +1,48 @@
+"""The production entry points start and serve /health: `python ml_backend/_wsgi.py` (what
+`label-studio-ml start ml_backend` runs), `label-studio-ml start` itself, and gunicorn."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import REPO, free_port
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("entry", ["script", "label-studio-ml", "gunicorn"])
+def test_entry_point_serves_health_on_loopback(entry, backend_env, tmp_path):
+    port = free_port()
+    argv = {
+        "script": [sys.executable, str(REPO / "ml_backend" / "_wsgi.py"), "--port", str(port)],
+        "label-studio-ml": [str(BIN / "label-studio-ml"), "start", "ml_backend", "--port", str(port)],
+        "gunicorn": [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1",
+                     "ml_backend._wsgi:app"],
+    }[entry]
+    if not Path(argv[0]).exists():
+        pytest.skip(f"{argv[0]} is not installed")
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, body = time.monotonic() + 60, None
+        while time.monotonic() < deadline and body is None:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                body = requests.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+            except requests.RequestException:
+                time.sleep(0.3)
+        assert body and body["status"] == "UP" and body["queue"]["kind"] == "thread"
+        out = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+        listening = [line for line in out.splitlines() if f":{port} " in line]
+        assert listening and all("127.0.0.1:" in line for line in listening), listening
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(20)
+        log.close()
