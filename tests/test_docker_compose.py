@@ -293,7 +293,10 @@ def test_backend_command_is_gunicorn_serving_an_app_that_imports(compose, tmp_pa
     module = importlib.import_module(module_name)
     if hasattr(module, "_app"):                  # lazily built app: build a fresh one for this test
         monkeypatch.setattr(module, "_app", None)
-    app = import_app(app_spec)
+    try:
+        app = import_app(app_spec)
+    except Exception as exc:                     # gunicorn's AppImportError, ImportError, ...
+        pytest.fail(f"gunicorn cannot load the backend's app {app_spec!r}: {type(exc).__name__}: {exc}")
     assert callable(app), f"{app_spec} is not a WSGI callable"
     rules = {rule.rule: rule.methods for rule in app.url_map.iter_rules()} if hasattr(app, "url_map") else {}
     assert "GET" in rules.get("/health", set()), \
@@ -563,17 +566,21 @@ def test_dockerfile_matches_the_build(compose):
             users.append(args.split(":")[0])
     if not users or users[-1] in ("root", "0"):
         problems.append("docker/Dockerfile must switch to a non-root USER")
+    contexts = set()
     for name in APP_SERVICES:
         build = compose["services"][name].get("build")
         if not build:
             continue
         context = (COMPOSE_FILE.parent / build.get("context", ".")).resolve()
+        contexts.add(context)
         dockerfile = context / build.get("dockerfile", "Dockerfile")
         if dockerfile.resolve() != DOCKERFILE.resolve():
             problems.append(f"{name} builds {dockerfile}, not docker/Dockerfile")
         for arg in (build.get("args") or {}):
             if arg not in declared_args:
                 problems.append(f"{name} passes build arg {arg}, which docker/Dockerfile does not declare")
+    assert contexts, f"none of {APP_SERVICES} has a build section"
+    for context in sorted(contexts):
         for src in copies:
             if not (context / src).exists():
                 problems.append(f"docker/Dockerfile copies {src!r}, which does not exist in the context {context}")
