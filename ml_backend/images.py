@@ -70,7 +70,8 @@ class ImageCache:
 
 
 def load_task_images(tasks: list[dict], image_field: str, cache: ImageCache, load_image: Callable,
-                     *, image_size: int, channels: int) -> tuple[list[int], np.ndarray, dict[int, str]]:
+                     *, image_size: int, channels: int, workers: int = 8
+                     ) -> tuple[list[int], np.ndarray, dict[int, str]]:
     """Images of ``tasks``; broken ones are skipped with a warning.
 
     Returns
@@ -79,10 +80,23 @@ def load_task_images(tasks: list[dict], image_field: str, cache: ImageCache, loa
     images : (len(ok_idx), image_size, image_size, channels) uint8.
     errors : task id -> reason, for the skipped ones.
     """
-    ok_idx, arrays, errors = [], [], {}
-    for i, task in enumerate(tasks):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(task):          # network in parallel; decoding stays in this thread
         url = (task.get("data") or {}).get(image_field)
         try:
+            cache.fetch(url)
+            return url, None
+        except ImageError as exc:
+            return url, str(exc)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        fetched = list(pool.map(fetch, tasks))
+    ok_idx, arrays, errors = [], [], {}
+    for i, (task, (url, error)) in enumerate(zip(tasks, fetched)):
+        try:
+            if error is not None:
+                raise ImageError(error)
             arrays.append(cache.load(url, load_image, image_size=image_size, channels=channels))
             ok_idx.append(i)
         except ImageError as exc:
