@@ -235,3 +235,30 @@ def test_settings_are_read_at_app_setup_not_import(backend_env, monkeypatch, tmp
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "elsewhere"))
     app = create_app()
     assert app.extensions["alr"]["settings"].model_dir == str(tmp_path / "elsewhere")
+
+
+def test_thread_fallback_coalesces_a_burst_and_drops_nothing():
+    import threading
+    import time
+
+    from ml_backend.training_queue import ThreadTrainingQueue
+
+    seen_at_start = []
+    events = []
+    lock = threading.Lock()
+
+    def runner(project, reason):
+        with lock:
+            seen_at_start.append(len(events))     # what a job "fetches" when it starts
+        time.sleep(0.3)
+
+    queue = ThreadTrainingQueue(runner)
+    for i in range(50):
+        with lock:
+            events.append(i)
+        queue.request_training(1, "ANNOTATION_CREATED")
+        if i == 0:
+            time.sleep(0.05)                      # the first run starts; the rest arrive while it runs
+    assert queue.wait_idle(10)
+    assert queue.jobs_started <= 2
+    assert seen_at_start[-1] == 50                # the last run saw every event
