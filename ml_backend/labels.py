@@ -63,6 +63,23 @@ def _order_key(annotation: dict, field: str) -> tuple:
     return (str(annotation.get(field) or annotation.get("created_at") or ""), annotation.get("id") or 0)
 
 
+def _from_data_field(task, usable, info, label_field, invalid):
+    """Noisy label in task.data; every usable annotation is an annotator's, so trusted."""
+    raw = (task.get("data") or {}).get(label_field)
+    noisy = info.index_of(raw)
+    if noisy is None and raw not in (None, ""):
+        invalid.append(str(raw))
+    return noisy, usable
+
+
+def _from_first_annotation(task, usable, info, label_field, invalid):
+    """Noisy label = the first usable annotation (the imported one); later ones are trusted."""
+    return (usable[0][1] if usable else None), usable[1:]
+
+
+_SOURCES = {"data": _from_data_field, "annotation": _from_first_annotation}
+
+
 def extract_task_labels(task: dict, info: LabelConfigInfo, *, label_source: str = "data",
                         label_field: str = "label") -> TaskLabels:
     """Noisy and trusted label of one task (the rule is in the module docstring)."""
@@ -79,18 +96,11 @@ def extract_task_labels(task: dict, info: LabelConfigInfo, *, label_source: str 
         usable.append((annotation, idx))
     usable.sort(key=lambda pair: _order_key(pair[0], "created_at"))
 
-    if label_source == "data":
-        raw = (task.get("data") or {}).get(label_field)
-        noisy = info.index_of(raw)
-        if noisy is None and raw not in (None, ""):
-            invalid.append(str(raw))
-        trusted_pool = usable
-    elif label_source == "annotation":
-        noisy = usable[0][1] if usable else None
-        trusted_pool = usable[1:]
-    else:
-        raise ValueError(f"label_source must be 'data' or 'annotation', got {label_source!r}")
-
+    try:
+        source = _SOURCES[label_source]
+    except KeyError:
+        raise ValueError(f"label_source must be one of {sorted(_SOURCES)}, got {label_source!r}") from None
+    noisy, trusted_pool = source(task, usable, info, label_field, invalid)
     trusted = None
     if trusted_pool:
         trusted = max(trusted_pool, key=lambda pair: _order_key(pair[0], "updated_at"))[1]

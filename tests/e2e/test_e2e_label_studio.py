@@ -132,6 +132,39 @@ def test_relabel_through_the_api_makes_a_new_version_with_that_label_trusted(e2e
     assert preds[tid]["result"][0]["meta"]["trusted"] is True
 
 
+def versions(stack: Stack, project_id: int) -> list[str]:
+    return requests.post(f"{stack.backend_url}/versions", json={"project": project_id}, timeout=10).json()["versions"]
+
+
+def test_annotation_burst_and_deletion_through_label_studio_reach_the_model(e2e):
+    """Annotations made through the real Label Studio in quick succession: no webhook lost; a
+    deleted annotation (ANNOTATIONS_DELETED) stops being trusted."""
+    ls, stack, pid = e2e["ls"], e2e["stack"], e2e["project"]
+    before = len(versions(stack, pid))
+    annotated = {}
+    for tid, (given, true) in list(e2e["truth"].items())[:15]:
+        ann = ls.call("POST", f"/api/tasks/{tid}/annotations", json={
+            "result": [{"from_name": "label", "to_name": "image", "type": "choices",
+                        "value": {"choices": [str(true)]}}], "was_cancelled": False})
+        annotated[tid] = ann["id"]
+    wait_idle(stack, pid)
+    jobs = len(versions(stack, pid)) - before
+    version = ls.project(pid)["model_version"]
+    meta = json.loads((Path(e2e["workdir"]) / "models" / f"project-{pid}" / "versions" / version / "meta.json").read_text())
+    assert set(annotated) <= set(meta["trusted_task_ids"])
+    print(f"15 annotations through Label Studio -> {jobs} training job(s)")
+    assert 1 <= jobs <= 15
+
+    tid, aid = next(iter(annotated.items()))
+    requests.delete(f"{ls.url}/api/annotations/{aid}", headers=ls.s.headers, timeout=30).raise_for_status()
+    ls.wait_model_version(pid, not_in={version}, timeout=300)
+    wait_idle(stack, pid)
+    version = ls.project(pid)["model_version"]
+    meta = json.loads((Path(e2e["workdir"]) / "models" / f"project-{pid}" / "versions" / version / "meta.json").read_text())
+    assert tid not in meta["trusted_task_ids"]
+    assert meta["trained_task_labels"][str(tid)] == e2e["truth"][tid][0]     # back to the noisy label
+
+
 def test_health_reports_everything(e2e):
     body = requests.get(f"{e2e['stack'].backend_url}/health", timeout=10).json()
     assert body["queue"]["redis"] is True and body["queue"]["workers"] >= 1
