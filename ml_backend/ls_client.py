@@ -181,6 +181,14 @@ class LabelStudioClient:
             created += int((body or {}).get("created", len(batch)))
         return created
 
+    def prediction_versions(self, project_id: int) -> dict[str, int]:
+        """model_version -> number of predictions, newest first."""
+        return self.request("GET", f"/api/projects/{int(project_id)}/model-versions/") or {}
+
+    def delete_prediction_version(self, project_id: int, model_version: str) -> None:
+        self.request("DELETE", f"/api/projects/{int(project_id)}/model-versions/",
+                     json={"model_version": model_version})
+
     def download(self, url: str, *, max_bytes: int = 64 * 1024 * 1024) -> bytes:
         """Fetch a task's file: relative /data/... paths and this instance's URLs with the
         API key, other http(s) URLs without it."""

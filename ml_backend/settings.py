@@ -42,7 +42,9 @@ class Settings:
     label_field: str = "label"            # task data field with the noisy label (label_source=data)
     relabel_budget: int = 0               # trusted relabels after which retraining stops; 0 = unlimited
     min_labelled_tasks: int = 10          # fewer usable labelled images: the job does not train
-    predictions_batch_size: int = 500     # predictions per POST /api/predictions request
+    predictions_batch_size: int = 500     # predictions per bulk import request
+    keep_prediction_versions: int = 1     # this backend's versions whose predictions stay in LS; 0 = all
+                                          # (not read from the environment yet)
     request_timeout: float = 30.0         # seconds, each Label Studio API / image request
     max_request_bytes: int = 32 * 1024 * 1024
     max_unseen_per_request: int = 256     # /predict: unseen tasks scored by a forward pass per call
@@ -91,6 +93,8 @@ class Settings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"ALR_CHANNELS must be 1 or 3, got {self.channels!r}")
+        if self.keep_prediction_versions < 0:
+            raise ValueError(f"keep_prediction_versions must be >= 0, got {self.keep_prediction_versions!r}")
         if self.relabel_budget < 0:
             raise ValueError(f"ALR_RELABEL_BUDGET must be >= 0, got {self.relabel_budget!r}")
 

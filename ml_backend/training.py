@@ -227,13 +227,35 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     created = client.import_predictions(p, predictions, batch_size=settings.predictions_batch_size)
     push_seconds = time.monotonic() - t_push
     client.patch_project(p, model_version=version)
+    pruned = prune_prediction_versions(client, p, keep=settings.keep_prediction_versions, current=version)
     progress("done", 1.0)
     logger.info("project %d: pushed %d predictions in %.1fs; project model_version is now %s",
                 p, created, push_seconds, version)
     return {"status": "trained", "project": p, "model_version": version, "phase": phase,
             "n_trained": len(train_pos), "n_trusted": n_trusted, "predictions": created,
             "skipped_images": len(errors), "push_seconds": round(push_seconds, 2),
+            "pruned_versions": pruned,
             "seconds": round(time.monotonic() - t0, 2)}
+
+
+def prune_prediction_versions(client: LabelStudioClient, project_id: int, *, keep: int, current: str) -> list[str]:
+    """Delete the predictions of this backend's older versions (names ``alr-...``) from Label
+    Studio, keeping the newest ``keep`` (0 = keep all).  Other models' predictions are never
+    touched.  Best effort: a failure is logged, the new version stays current."""
+    if keep <= 0:
+        return []
+    try:
+        ours = [v for v in client.prediction_versions(project_id) if v.startswith("alr-")]
+        ours = [current] + [v for v in ours if v != current]          # newest first
+        old = ours[keep:]
+        for v in old:
+            client.delete_prediction_version(project_id, v)
+    except Exception as exc:      # noqa: BLE001 - pruning must never fail a finished job
+        logger.warning("project %d: could not delete old predictions: %s", project_id, exc)
+        return []
+    if old:
+        logger.info("project %d: deleted the predictions of %d older version(s)", project_id, len(old))
+    return old
 
 
 def train_project_job(project_id: int, reason: str = "") -> dict:

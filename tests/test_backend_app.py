@@ -105,6 +105,15 @@ def test_relabel_makes_task_trusted_and_phase_2(fake_ls):
     assert meta["trusted_task_ids"] == [200] and meta["trained_task_labels"]["200"] == 2
     pushed = [p for p in fake_ls.predictions if p["model_version"] == summary["model_version"] and p["task"] == 200]
     assert pushed[0]["result"][0]["meta"]["trusted"] is True
+    # the first version's predictions were deleted from Label Studio (keep_prediction_versions=1)
+    assert {p["model_version"] for p in fake_ls.predictions} == {summary["model_version"]}
+
+
+def test_keep_prediction_versions_zero_keeps_all(fake_ls):
+    settings = Settings.from_env().replace(keep_prediction_versions=0)
+    first = run_training_job(1, settings=settings)["model_version"]
+    second = run_training_job(1, settings=settings)["model_version"]
+    assert {p["model_version"] for p in fake_ls.predictions} == {first, second}
 
 
 def test_relabel_budget_stops_retraining(fake_ls, monkeypatch):

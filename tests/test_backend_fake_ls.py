@@ -146,6 +146,19 @@ class FakeLabelStudio:
                 fake.predictions.extend(items)
             return jsonify({"created": len(items)}), 201
 
+        @app.route("/api/projects/<int:pid>/model-versions/", methods=["GET", "DELETE"])
+        def model_versions(pid):
+            with fake.lock:
+                if request.method == "DELETE":
+                    version = request.get_json()["model_version"]
+                    before = len(fake.predictions)
+                    fake.predictions[:] = [p for p in fake.predictions if p["model_version"] != version]
+                    return jsonify(before - len(fake.predictions))
+                counts: dict = {}
+                for p in reversed(fake.predictions):          # newest first
+                    counts[p["model_version"]] = counts.get(p["model_version"], 0) + 1
+                return jsonify(counts)
+
         @app.route("/data/upload/<path:rest>")
         def upload(rest):
             data = fake.files.get(f"/data/upload/{rest}")

@@ -163,6 +163,9 @@ def test_annotation_burst_and_deletion_through_label_studio_reach_the_model(e2e)
     meta = json.loads((Path(e2e["workdir"]) / "models" / f"project-{pid}" / "versions" / version / "meta.json").read_text())
     assert tid not in meta["trusted_task_ids"]
     assert meta["trained_task_labels"][str(tid)] == e2e["truth"][tid][0]     # back to the noisy label
+    # older versions' predictions were deleted: one prediction per task, of the current version
+    remaining = ls.call("GET", f"/api/projects/{pid}/model-versions/")
+    assert {v for v in remaining if v.startswith("alr-")} == {version}, remaining
 
 
 def test_health_reports_everything(e2e):
