@@ -73,8 +73,8 @@ def plot(data: dict, path: Path, title: str) -> None:
         for ax, key in zip(axes, ("errors_fixed", "balanced_accuracy", "macro_f1")):
             mean, std = np.nanmean(entry[key], axis=0), np.nanstd(entry[key], axis=0)
             style = dict(lw=2.5, color="black") if sampler == "priority" else dict(lw=1.2)
-            ax.plot(x, mean, marker="o", ms=3, label=sampler, **style)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.12, color=style.get("color"))
+            (line,) = ax.plot(x, mean, marker="o", ms=3, label=sampler, **style)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.12, color=line.get_color())
     for ax, label in zip(axes, ("fraction of all label errors fixed", "clean test balanced accuracy",
                                 "clean test macro-F1")):
         ax.set(xlabel="relabels spent", ylabel=label)
