@@ -8,6 +8,7 @@ from model.networks import ARCHS
 from model.vog import VOG_METHODS
 
 SELECTION_MODES = ("global", "class_balanced")
+VOG_SOURCES = ("eval_pass", "train_pass")
 AUGMENTATIONS = ("none", "shift", "shift_flip")
 
 
@@ -40,13 +41,15 @@ class EngineConfig:
     vog_window: int = 5                 # W: snapshots per sample in the VoG ring buffer
     mix_ratio: float = 0.2              # share of the kept samples chosen by smallest VoG after Tk
     vog_method: str = "last_layer"      # "last_layer" (analytic, no backward) | "input_gradient" (Agarwal et al.)
-    selection: str = "global"           # "global" (the original) | "class_balanced" (a quota per class)
+    vog_source: str = "eval_pass"       # "eval_pass": a forward pass in eval mode on un-augmented images per epoch;
+                                        # "train_pass": reuse the training forward (no extra pass; augmented, train mode)
+    selection: str = "class_balanced"   # "class_balanced" (a quota per label) | "global" (the original)
     augment: str = "shift"              # "none" | "shift" | "shift_flip" (flips are wrong for digits)
     # Phase 2: fine-tuning on the trusted set
     finetune_epochs: int = 10
     finetune_lr: float = 0.01
     # relabel ranking
-    rarity_weight: float = 1.0          # g of selection.rank.relabel_priority: 0 = probability the label is wrong
+    rarity_weight: float = 0.5          # g of selection.rank.relabel_priority: 0 = probability the label is wrong
     # runtime
     device: str = "auto"                # "auto" | "cuda" | "mps" | "cpu"
     amp: bool = True                    # float16 mixed precision on CUDA only
@@ -59,6 +62,9 @@ class EngineConfig:
         checks = [
             (self.arch in ("auto", *ARCHS), f"arch must be one of {('auto', *ARCHS)}"),
             (self.vog_method in VOG_METHODS, f"vog_method must be one of {VOG_METHODS}"),
+            (self.vog_source in VOG_SOURCES, f"vog_source must be one of {VOG_SOURCES}"),
+            (self.vog_source == "eval_pass" or self.vog_method == "last_layer",
+             "vog_source 'train_pass' needs vog_method 'last_layer' (input gradients need their own pass)"),
             (self.selection in SELECTION_MODES, f"selection must be one of {SELECTION_MODES}"),
             (self.augment in AUGMENTATIONS, f"augment must be one of {AUGMENTATIONS}"),
             (self.epochs >= 1, "epochs must be >= 1"),

@@ -43,6 +43,7 @@ from selection.scores import estimate_noise_rate
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+CLASS_RATE_PRIOR = 10.0  # pseudo-samples pulling a label's estimated noise rate towards the overall rate
 Progress = Callable[[str, float], None]
 
 
@@ -57,7 +58,7 @@ def forget_rate_schedule(epoch: int, *, forget_rate: float, tk: int) -> float:
 
 def select_clean_batch(losses: torch.Tensor, vog_scores: torch.Tensor | None, labels: torch.Tensor,
                        trusted: torch.Tensor, *, forget_rate: float, mix_ratio: float,
-                       class_balanced: bool) -> torch.Tensor:
+                       class_balanced: bool, class_forget_rates: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of the samples of one batch that a network believes clean.
 
     Trusted (expert-labelled) samples are always kept and take no part in the
@@ -65,9 +66,11 @@ def select_clean_batch(losses: torch.Tensor, vog_scores: torch.Tensor | None, la
     with ``vog_scores`` None, the n smallest losses; otherwise the
     int(n * (1 - mix_ratio)) smallest losses plus the int(n * mix_ratio) smallest
     VoG scores among the rest.  ``class_balanced`` applies the same rule within
-    each given label, keeping ceil((1 - forget_rate) * B_c) of class c: with
-    int() a class seen once in a batch would never be kept, which is exactly the
-    minority loss the per-class variant exists to prevent.
+    each given label, keeping ceil((1 - r_c) * B_c) of class c, where r_c is
+    ``class_forget_rates[c]`` (the share of wrong labels within label c) or
+    ``forget_rate`` when no per-class rates are given: with int() a class seen
+    once in a batch would never be kept, which is exactly the minority loss the
+    per-class variant exists to prevent.
     """
     keep = trusted.clone()
     candidates = torch.nonzero(~trusted, as_tuple=True)[0]
@@ -77,7 +80,8 @@ def select_clean_batch(losses: torch.Tensor, vog_scores: torch.Tensor | None, la
         candidates[labels[candidates] == c] for c in torch.unique(labels[candidates])]
     for group in groups:
         if class_balanced:
-            n_keep = math.ceil((1.0 - forget_rate) * group.numel())
+            rate = forget_rate if class_forget_rates is None else float(class_forget_rates[labels[group[0]]])
+            n_keep = math.ceil((1.0 - rate) * group.numel())
         else:
             n_keep = int((1.0 - forget_rate) * group.numel())
         keep[_smallest_loss_then_vog(group, losses, vog_scores, n_keep, mix_ratio)] = True
@@ -87,8 +91,10 @@ def select_clean_batch(losses: torch.Tensor, vog_scores: torch.Tensor | None, la
 def _smallest_loss_then_vog(group, losses, vog_scores, n_keep, mix_ratio):
     if vog_scores is None:
         return group[torch.argsort(losses[group])[:n_keep]]
+    # V = int(n * mix) by VoG and the rest by loss: flooring both parts would keep
+    # nothing of a group whose quota is 1, the rare class the quota exists for.
     n_vog = int(n_keep * mix_ratio)
-    n_loss = int(n_keep * (1.0 - mix_ratio))
+    n_loss = n_keep - n_vog
     by_loss = torch.argsort(losses[group])
     chosen_by_loss = group[by_loss[:n_loss]]
     rest = group[by_loss[n_loss:]]
@@ -107,7 +113,8 @@ class TrainingState:
     schedulers: list[torch.optim.lr_scheduler.LRScheduler]
     vog_buffers: list[VoGBuffer]
     network_spec: dict
-    forget_rate: float
+    forget_rate: float                  # tau overall: the global selection's rate after the ramp
+    class_forget_rates: list[float]     # tau within each given label: the class-balanced selection's rates
     epoch: int = 0
     phase: str = "coteaching"           # "coteaching" while Phase 1 runs, then "trained"
     lnl_clean_mask: torch.Tensor | None = None
@@ -144,14 +151,15 @@ def network_spec_for(images: ImageSource, num_classes: int, config: EngineConfig
 
 
 def new_training_state(images: ImageSource, num_classes: int, config: EngineConfig,
-                       device: torch.device, forget_rate: float) -> TrainingState:
+                       device: torch.device, forget_rate: float, class_forget_rates: list[float]) -> TrainingState:
     network_spec = network_spec_for(images, num_classes, config)
     networks = build_networks(network_spec, config, device)
     optimizers = [_sgd(net, config.lr, config) for net in networks]
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs) for opt in optimizers]
     dim = _vog_dim(networks[0], images, config)
     buffers = [VoGBuffer(num_images(images), dim, config.vog_window) for _ in networks]
-    return TrainingState(networks, optimizers, schedulers, buffers, network_spec, forget_rate)
+    return TrainingState(networks, optimizers, schedulers, buffers, network_spec, forget_rate,
+                         list(class_forget_rates))
 
 
 def _vog_dim(network: nn.Module, images: ImageSource, config: EngineConfig) -> int:
@@ -165,6 +173,7 @@ def _vog_dim(network: nn.Module, images: ImageSource, config: EngineConfig) -> i
 def train_one_epoch(state: TrainingState, images: ImageSource, labels: torch.Tensor, trusted: torch.Tensor,
                     *, config: EngineConfig, device: torch.device, scaler, generator: torch.Generator,
                     forget_rate: float, vog_scores: list[torch.Tensor] | None,
+                    class_forget_rates: torch.Tensor | None = None, record_vog: bool = False,
                     ctx: DistContext = DistContext(), progress_bar: bool = True) -> dict:
     """One Co-teaching epoch.  Returns the epoch's figures and network 1's clean mask.
 
@@ -172,6 +181,8 @@ def train_one_epoch(state: TrainingState, images: ImageSource, labels: torch.Ten
     updated on network 2's pick and vice versa, with the loss summed over the
     pick and divided by its size.  On several ranks each computes its slice of
     the batch and the selection runs on the gathered losses (model/distributed.py).
+    With ``record_vog`` the training forward pass's p_y and h are written into
+    the VoG buffers (``vog_source="train_pass"``); the caller commits them.
     """
     for net in state.trainable:
         net.train()
@@ -190,12 +201,18 @@ def train_one_epoch(state: TrainingState, images: ImageSource, labels: torch.Ten
         x = apply_augmentation(x, None if theta is None else theta[local])
         y = labels[idx].to(device)
         with autocast(device, enabled=config.amp):
-            logits = [net(x) for net in state.trainable]
-            local_losses = [F.cross_entropy(out.float(), y[local], reduction="none") for out in logits]
+            outputs = [net(x, return_features=True) for net in state.trainable]
+            local_losses = [F.cross_entropy(logits.float(), y[local], reduction="none") for logits, _ in outputs]
+        if record_vog:
+            for (logits, features), buffer in zip(outputs, state.vog_buffers):
+                snapshot = last_layer_gradient(torch.softmax(logits.detach().float(), dim=1),
+                                               features.detach().float(), y[local])
+                buffer.write(idx, distributed.gather_rows(snapshot, ctx, idx.numel()))
         losses = [distributed.gather_rows(loss.detach(), ctx, idx.numel()) for loss in local_losses]
         picks = [select_clean_batch(loss, None if vog_scores is None else vog[idx].to(device), y,
                                     trusted[idx].to(device), forget_rate=forget_rate, mix_ratio=config.mix_ratio,
-                                    class_balanced=config.selection == "class_balanced")
+                                    class_balanced=config.selection == "class_balanced",
+                                    class_forget_rates=class_forget_rates)
                  for loss, vog in zip(losses, vog_scores or [None, None])]
         # Co-teaching: each network learns from the samples its PEER believes clean.  The local sum
         # over the global count, times the world size (DDP averages over ranks), is the global mean.
@@ -301,14 +318,22 @@ def mc_dropout_probs(networks: list[nn.Module], images: ImageSource, *, passes: 
 
 def estimate_forget_rate(images: ImageSource, labels: torch.Tensor, trusted: torch.Tensor, num_classes: int,
                          *, config: EngineConfig, device: torch.device, generator: torch.Generator,
-                         progress: Progress | None = None) -> float:
-    """Estimate the share of wrong labels among the untrusted samples.
+                         progress: Progress | None = None) -> tuple[float, list[float]]:
+    """Estimate the share of wrong labels among the untrusted samples, overall and within each label.
 
     K-fold cross-fitting (``estimate_folds``): a network is trained with plain
     cross-entropy on the other folds and predicts the held-out one, so every
     sample gets an out-of-sample probability; the share of samples whose
     predicted class differs from the given label is the estimate
-    (selection.scores.estimate_noise_rate), capped at ``max_forget_rate``.  It
+    (selection.scores.estimate_noise_rate), capped at ``max_forget_rate``.
+
+    Within each given label the same share is taken, shrunk towards the overall
+    rate with ``CLASS_RATE_PRIOR`` pseudo-samples so that a label seen a handful
+    of times does not get a rate of 0 or 1 from chance.  Symmetric noise on
+    long-tailed data is what makes this matter: every label receives about the
+    same NUMBER of wrong labels, so the share of wrong labels is small within
+    a common label and large within a rare one, and one global rate both keeps
+    noise in the rare labels and drops clean samples of the common ones.  It
     counts the folds' own errors as noise too, so it runs high when the data
     are too few to learn from (measured in benchmarks/RESULTS.md).
 
@@ -320,7 +345,7 @@ def estimate_forget_rate(images: ImageSource, labels: torch.Tensor, trusted: tor
     if untrusted_idx.numel() < 4 * num_classes:
         logger.info("Too few untrusted samples (%d) to estimate the noise rate; using forget rate 0",
                     untrusted_idx.numel())
-        return 0.0
+        return 0.0, [0.0] * num_classes
     folds = config.estimate_folds
     fold_of = torch.randperm(untrusted_idx.numel(), generator=generator) % folds
     out_of_fold = np.zeros((untrusted_idx.numel(), num_classes))
@@ -342,11 +367,18 @@ def estimate_forget_rate(images: ImageSource, labels: torch.Tensor, trusted: tor
         held_out = (fold_of == fold).numpy()
         probs, _ = predict([net], take(images, untrusted_idx[fold_of == fold]), config=config, device=device)
         out_of_fold[held_out] = probs
-    rate = estimate_noise_rate(labels[untrusted_idx].numpy(), out_of_fold)
+    given = labels[untrusted_idx].numpy()
+    rate = estimate_noise_rate(given, out_of_fold)
+    disagree = out_of_fold.argmax(axis=1) != given
+    counts = np.bincount(given, minlength=num_classes)
+    wrong = np.bincount(given, weights=disagree, minlength=num_classes)
+    class_rates = (wrong + CLASS_RATE_PRIOR * rate) / (counts + CLASS_RATE_PRIOR)
     capped = min(rate, config.max_forget_rate)
-    logger.info("Estimated noise rate %.3f from %d untrusted samples (%d-fold cross-fitting); "
-                "forget rate %.3f. Set forget_rate to override.", rate, untrusted_idx.numel(), folds, capped)
-    return capped
+    class_capped = np.minimum(class_rates, config.max_forget_rate).tolist()
+    logger.info("Estimated noise rate %.3f from %d untrusted samples (%d-fold cross-fitting); forget rate %.3f, "
+                "within each label %s. Set forget_rate to override.", rate, untrusted_idx.numel(), folds, capped,
+                [round(r, 2) for r in class_capped])
+    return capped, class_capped
 
 
 def _train_plain_epoch(nets, optimizers, images: ImageSource, labels, *, config, device, generator,
@@ -397,26 +429,36 @@ def train_coteaching(images: ImageSource, labels: torch.Tensor, *, num_classes: 
             generator.set_state(state.generator_state)
         logger.info("Resuming Phase 1 from %s at epoch %d/%d", checkpoint_path, state.epoch, config.epochs)
     else:
-        forget_rate = config.forget_rate
-        if forget_rate is None:
-            if ctx.is_main:  # one rank estimates, the others wait for its figure
-                forget_rate = estimate_forget_rate(images, labels, trusted, num_classes, config=config,
-                                                   device=device, generator=generator, progress=progress)
-            forget_rate = distributed.broadcast_float(forget_rate, ctx, device)
+        if config.forget_rate is not None:
+            rates = [config.forget_rate] * (num_classes + 1)
+        else:
+            rates = [0.0] * (num_classes + 1)
+            if ctx.is_main:  # one rank estimates, the others wait for its figures
+                overall, per_class = estimate_forget_rate(images, labels, trusted, num_classes, config=config,
+                                                          device=device, generator=generator, progress=progress)
+                rates = [overall, *per_class]
+            rates = distributed.broadcast_floats(rates, ctx, device)
             generator = seed_everything(config.seed + 1)  # every rank continues from the same stream
-        state = new_training_state(images, num_classes, config, device, forget_rate)
+        state = new_training_state(images, num_classes, config, device, rates[0], rates[1:])
     state.wrapped = [distributed.wrap(net, ctx, device) for net in state.networks] if ctx.enabled else None
     first_vog_epoch = max(1, config.tk - config.vog_window + 1)
     while state.epoch < config.epochs:
         epoch = state.epoch + 1
-        rate = forget_rate_schedule(epoch, forget_rate=state.forget_rate, tk=config.tk)
+        ramp = forget_rate_schedule(epoch, forget_rate=1.0, tk=config.tk)
+        rate = ramp * state.forget_rate
         use_vog = epoch > config.tk and config.mix_ratio > 0 and all(b.ready for b in state.vog_buffers)
         vog_scores = [torch.from_numpy(b.scores()).float() for b in state.vog_buffers] if use_vog else None
+        track_vog = epoch >= first_vog_epoch
         stats = train_one_epoch(state, images, labels, trusted, config=config, device=device, scaler=scaler,
                                 generator=generator, forget_rate=rate, vog_scores=vog_scores, ctx=ctx,
+                                class_forget_rates=ramp * torch.tensor(state.class_forget_rates),
+                                record_vog=track_vog and config.vog_source == "train_pass",
                                 progress_bar=progress_bar)
-        if epoch >= first_vog_epoch:
+        if track_vog and config.vog_source == "eval_pass":
             record_vog_snapshot(state, images, labels, config=config, device=device, ctx=ctx)
+        elif track_vog:
+            for buffer in state.vog_buffers:
+                buffer.commit()
         state.epoch = epoch
         state.lnl_clean_mask = stats.pop("clean_mask") | trusted
         record = {"epoch": epoch, "forget_rate": rate, "vog_selection": use_vog, **stats}
@@ -491,6 +533,7 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike, *, config: En
         "schedulers": [sched.state_dict() for sched in state.schedulers],
         "vog_buffers": [buffer.state_dict() for buffer in state.vog_buffers],
         "forget_rate": state.forget_rate,
+        "class_forget_rates": state.class_forget_rates,
         "epoch": state.epoch,
         "phase": state.phase,
         "lnl_clean_mask": state.lnl_clean_mask,
@@ -542,7 +585,8 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device | None = No
     state = TrainingState(
         networks=networks, optimizers=optimizers, schedulers=schedulers,
         vog_buffers=[VoGBuffer.from_state_dict(b) for b in checkpoint["vog_buffers"]],
-        network_spec=spec, forget_rate=float(checkpoint["forget_rate"]), epoch=int(checkpoint["epoch"]),
+        network_spec=spec, forget_rate=float(checkpoint["forget_rate"]),
+        class_forget_rates=list(checkpoint["class_forget_rates"]), epoch=int(checkpoint["epoch"]),
         phase=checkpoint["phase"], lnl_clean_mask=checkpoint["lnl_clean_mask"],
         best_states=checkpoint["best_states"], best_score=float(checkpoint["best_score"]),
         history=list(checkpoint["history"]), generator_state=checkpoint.get("generator_state"))

@@ -94,13 +94,13 @@ def gather_rows(local: torch.Tensor, ctx: DistContext, total: int) -> torch.Tens
     return full
 
 
-def broadcast_float(value: float | None, ctx: DistContext, device: torch.device) -> float:
-    """Rank 0's value on every rank."""
+def broadcast_floats(values: list[float], ctx: DistContext, device: torch.device) -> list[float]:
+    """Rank 0's values on every rank (every rank passes a list of the same length)."""
     if not ctx.enabled:
-        return value
-    tensor = torch.tensor([value if value is not None else 0.0], dtype=torch.float64, device=device)
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.broadcast(tensor, src=0)
-    return float(tensor.item())
+    return tensor.tolist()
 
 
 def barrier(ctx: DistContext) -> None:

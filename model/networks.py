@@ -64,8 +64,11 @@ class _Classifier(nn.Module):
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        """Logits, or (logits, features) with ``return_features`` (one pass feeds training and VoG)."""
+        features = self.forward_features(x)
+        logits = self.head(features)
+        return (logits, features) if return_features else logits
 
 
 def _small_cnn_backbone(in_channels: int, width: int = 32) -> tuple[nn.Module, int]:

@@ -19,7 +19,7 @@ from selection._validation import check_labels_and_probs, check_mask
 logger = logging.getLogger(__name__)
 
 
-def relabel_priority(labels: np.ndarray, pred_probs: np.ndarray, *, rarity_weight: float = 1.0) -> np.ndarray:
+def relabel_priority(labels: np.ndarray, pred_probs: np.ndarray, *, rarity_weight: float = 0.5) -> np.ndarray:
     """Expected value of sending each sample to the expert: (N,) in [0, 1], higher = sooner.
 
     A relabel is worth something only if the label is wrong, and a wrong label
@@ -101,7 +101,7 @@ METHODS = (*SAMPLERS, "coreset")
 def rank_for_relabel(labels: np.ndarray, pred_probs: np.ndarray, *, method: str = "priority",
                      budget: int | None = None, pool_mask: np.ndarray | None = None,
                      embeddings: np.ndarray | None = None, mc_pred_probs: np.ndarray | None = None,
-                     rarity_weight: float = 1.0, seed: int = 0) -> np.ndarray:
+                     rarity_weight: float = 0.5, seed: int = 0) -> np.ndarray:
     """Indices of the pool samples to relabel, most urgent first: (min(budget, pool size),).
 
     Parameters

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from selection import metrics, rank, scores
+from model.config import SELECTION_MODES, VOG_SOURCES, EngineConfig
+from model.vog import VOG_METHODS
+from selection import metrics, rank
 
 logger = logging.getLogger("selection.simulate")
 
@@ -52,19 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-fraction", type=float, default=0.25,
                         help="clean test share held out per class before imbalance and noise (default 0.25)")
     parser.add_argument("--image-size", type=int, default=32, help="resize for --image-folder (default 32)")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=EngineConfig.epochs)
     parser.add_argument("--rounds", type=int, default=0, help="relabelling rounds (default 0: Phase 1 only)")
     parser.add_argument("--budget", type=int, default=20, help="relabels per round (default 20)")
     parser.add_argument("--sampler", choices=(*SAMPLERS, "all"), default="priority")
-    parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument("--finetune-epochs", type=int, default=EngineConfig.finetune_epochs)
     parser.add_argument("--forget-rate", type=float, default=None, help="default: estimated from the data")
-    parser.add_argument("--selection", choices=("global", "class_balanced"), default="global")
-    parser.add_argument("--vog-method", choices=("last_layer", "input_gradient"), default="last_layer")
-    parser.add_argument("--mix-ratio", type=float, default=0.2)
-    parser.add_argument("--rarity-weight", type=float, default=1.0,
+    parser.add_argument("--selection", choices=SELECTION_MODES, default=EngineConfig.selection)
+    parser.add_argument("--vog-method", choices=VOG_METHODS, default=EngineConfig.vog_method)
+    parser.add_argument("--vog-source", choices=VOG_SOURCES, default=EngineConfig.vog_source)
+    parser.add_argument("--mix-ratio", type=float, default=EngineConfig.mix_ratio)
+    parser.add_argument("--rarity-weight", type=float, default=EngineConfig.rarity_weight,
                         help="weight of class rarity in the relabel priority (0 = probability the label is wrong)")
-    parser.add_argument("--arch", default="auto")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--arch", default=EngineConfig.arch)
+    parser.add_argument("--device", default=EngineConfig.device)
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -153,7 +156,8 @@ def run_rounds(train, test, phase1, *, sampler: str, args, config, out: Path, nu
         pool = ~result.lnl_clean_mask & ~relabelled
         chosen = rank.rank_for_relabel(labels, result.pred_probs, method=sampler, budget=args.budget,
                                        pool_mask=pool, embeddings=result.embeddings,
-                                       mc_pred_probs=result.mc_pred_probs, seed=args.seed + round_number)
+                                       mc_pred_probs=result.mc_pred_probs, rarity_weight=config.rarity_weight,
+                                       seed=args.seed + round_number)
         if len(chosen) == 0:
             logger.info("[%s] round %d: the pool is empty, stopping", sampler, round_number)
             break
@@ -265,7 +269,7 @@ def write_plots(out: Path, report: dict) -> list[str]:
 
 
 def run(args) -> dict:
-    from model.engine import EngineConfig, train_and_score
+    from model.engine import train_and_score
 
     train, test = load_case(args)
     num_classes = len(train.class_names)
@@ -273,7 +277,8 @@ def run(args) -> dict:
     if args.rounds > 0 and train.labels_true is None:
         raise ValueError("relabelling rounds need the oracle's labels (labels_true in the .npz)")
     config = EngineConfig(epochs=args.epochs, finetune_epochs=args.finetune_epochs, forget_rate=args.forget_rate,
-                          selection=args.selection, vog_method=args.vog_method, mix_ratio=args.mix_ratio,
+                          selection=args.selection, vog_method=args.vog_method, vog_source=args.vog_source,
+                          mix_ratio=args.mix_ratio,
                           arch=args.arch, device=args.device, seed=args.seed, rarity_weight=args.rarity_weight,
                           image_size=max(int(train.images.shape[1]), 8),
                           mc_dropout_passes=20 if "bald" in samplers and args.rounds > 0 else 0)
@@ -287,7 +292,7 @@ def run(args) -> dict:
     phase1.save_scores(out / "scores.npz")
     truth = train.labels_true if train.labels_true is not None else train.labels
     report = {
-        "command": args.command,
+        "command": getattr(args, "command", "python -m selection.simulate"),
         "config": config.to_dict(),
         "dataset": {"num_samples": len(train.labels), "num_classes": num_classes,
                     "class_names": list(train.class_names),

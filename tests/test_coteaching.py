@@ -37,6 +37,10 @@ def test_trusted_samples_are_always_kept_and_classes_get_quotas():
     keep = select_clean_batch(losses, None, labels, torch.zeros(6, dtype=torch.bool), forget_rate=0.5,
                               mix_ratio=0.0, class_balanced=True)
     assert keep.tolist() == [False, True, True, False, False, True]   # ceil(0.5*4) of class 0, ceil(0.5*2) of 1
+    # per-label rates: drop 75% of label 0, none of label 1; with VoG a quota of 1 still keeps one sample
+    keep = select_clean_batch(losses, torch.zeros(6), labels, torch.zeros(6, dtype=torch.bool), forget_rate=0.5,
+                              mix_ratio=0.2, class_balanced=True, class_forget_rates=torch.tensor([0.75, 0.0]))
+    assert keep.tolist() == [True, True, False, False, False, True]
 
 
 def _toy_data(n=120, seed=0):
@@ -147,3 +151,13 @@ def test_device_selection_on_this_machine():
         assert select_device("auto").type in ("cpu", "mps")
         with pytest.raises(ValueError, match="CUDA is not available"):
             select_device("cuda")
+
+
+def test_vog_from_the_training_pass_fills_the_buffers_without_an_eval_pass(tmp_path):
+    images, labels = _toy_data(80)
+    config = EngineConfig(**FAST, forget_rate=0.2, vog_source="train_pass")
+    result = train_and_score(images, labels, class_names=["a", "b", "c"], checkpoint_path=tmp_path / "t.pt",
+                             config=config, progress_bar=False)
+    assert np.isfinite(result.vog_scores).all() and (result.vog_scores > 0).all()
+    with pytest.raises(ValueError, match="train_pass"):
+        EngineConfig(vog_source="train_pass", vog_method="input_gradient")
