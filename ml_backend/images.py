@@ -4,6 +4,18 @@ Supported URLs: Label Studio uploads (``/data/upload/...``, relative), local-fil
 (``http://<ls-host>/data/local-files/?d=...``) - both fetched with the API key - and plain
 http(s) URLs (fetched without it).  A broken or missing image raises ``ImageError`` with a
 message; callers skip the task and log it, they never stop.
+
+The cache is bounded (``max_cache_bytes``, ALR_IMAGE_CACHE_MAX_MB).  The rule, which holds
+across processes and machines that share the cache directory:
+
+* a file is "in use" while any job may still read it: every job touches (mtime) each image
+  it uses when it fetches it, and a job runs at most ``protect_seconds`` (ALR_JOB_TIMEOUT), so
+  a file touched less than ``protect_seconds`` ago, or touched by this cache object, is
+  never evicted;
+* eviction runs only just before a download would push the cache over the cap, and removes
+  the least recently used files (oldest mtime) that are not in use, down to 90 % of the cap;
+* when the files in use alone exceed the cap the download goes ahead (the job needs them) and
+  a warning says so: the cap is then exceeded by at most the jobs' own working sets.
 """
 from __future__ import annotations
 
@@ -11,6 +23,8 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -26,37 +40,123 @@ class ImageError(ValueError):
 
 
 class ImageCache:
-    """Downloads task images into ``cache_dir`` (file name = sha256 of the URL)."""
+    """Downloads task images into ``cache_dir`` (file name = sha256 of the URL), bounded in size.
+
+    Parameters
+    ----------
+    max_bytes : the largest single image accepted.
+    max_cache_bytes : cap on the directory's total size; None or 0 = unbounded.  See the
+        module docstring for which files eviction may remove.
+    protect_seconds : files touched less than this long ago are never evicted (the job
+        timeout: a file that recent may belong to a job still running elsewhere).
+    """
+
+    _LOW_WATER = 0.9          # eviction frees down to this share of the cap, not just below it
 
     def __init__(self, cache_dir: str | os.PathLike, client: LabelStudioClient, *,
-                 max_bytes: int = 64 * 1024 * 1024):
+                 max_bytes: int = 64 * 1024 * 1024, max_cache_bytes: int | None = None,
+                 protect_seconds: float = 0.0):
         self.cache_dir = Path(cache_dir)
         self.client = client
         self.max_bytes = max_bytes
+        self.max_cache_bytes = max_cache_bytes or None
+        self.protect_seconds = float(protect_seconds)
+        self._lock = threading.Lock()
+        self._in_use: set[Path] = set()
+        self._total: int | None = None      # bytes in the cache as last measured + our downloads since
+        self._next_check = 0                # over-cap totals below this skip a rescan (see _make_room)
+        self.evicted = 0                    # files removed by this object (for logs and tests)
 
     def path_for(self, url: str) -> Path:
         digest = hashlib.sha256(url.encode("utf-8")).hexdigest()
         return self.cache_dir / digest[:2] / digest
 
     def fetch(self, url: str) -> Path:
-        """Local path of the image at ``url``, downloading it on first use."""
+        """Local path of the image at ``url``, downloading it on first use; marks it in use."""
         if not isinstance(url, str) or not url.strip():
             raise ImageError(f"task has no image URL (got {url!r})")
         path = self.path_for(url)
+        with self._lock:
+            self._in_use.add(path)
         if path.exists():
-            return path
+            try:
+                os.utime(path)                # recently used: last in line for eviction
+                return path
+            except FileNotFoundError:         # evicted by another process just now: download again
+                pass
         try:
             data = self.client.download(url, max_bytes=self.max_bytes)
         except LabelStudioError as exc:
             raise ImageError(f"cannot download image: {exc}") from None
         if not data:
             raise ImageError(f"image is empty: {url[:120]}")
+        self._make_room(len(data))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dl-")
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
         return path
+
+    def release(self, path: Path) -> None:
+        """``path`` is no longer needed by this job (a broken download, say)."""
+        with self._lock:
+            self._in_use.discard(path)
+
+    def _make_room(self, incoming: int) -> None:
+        """Evict least recently used files not in use so that ``incoming`` more bytes fit the cap."""
+        cap = self.max_cache_bytes
+        if cap is None:
+            return
+        with self._lock:
+            if self._total is None:
+                self._total = sum(size for _, _, size in self._scan())
+            self._total += incoming
+            if self._total <= cap or self._total < self._next_check:
+                return
+            entries = sorted(self._scan(), key=lambda entry: entry[1])       # oldest first
+            total = sum(size for _, _, size in entries) + incoming
+            protected_since = time.time() - self.protect_seconds
+            target = int(cap * self._LOW_WATER)
+            for path, mtime, size in entries:
+                if total <= target:
+                    break
+                if path in self._in_use or mtime >= protected_since:
+                    continue
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+                total -= size
+                self.evicted += 1
+            self._total = total
+            if total > cap:
+                # only files in use are left over the cap: rescan again after 10 % more growth,
+                # not before every download
+                self._next_check = total + max(cap // 10, 1)
+                logger.warning("image cache %s holds %.0f MB, over its cap of %.0f MB "
+                               "(ALR_IMAGE_CACHE_MAX_MB), but every remaining file is in use by a job",
+                               self.cache_dir, total / 2**20, cap / 2**20)
+            else:
+                self._next_check = 0
+
+    def _scan(self) -> list[tuple[Path, float, int]]:
+        """(path, mtime, size) of the cached images (downloads in progress excluded)."""
+        out = []
+        if not self.cache_dir.is_dir():
+            return out
+        for sub in self.cache_dir.iterdir():
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub):
+                if entry.name.startswith(".dl-") or not entry.is_file():
+                    continue
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                out.append((Path(entry.path), st.st_mtime, st.st_size))
+        return out
 
     def load(self, url: str, load_image: Callable, *, image_size: int, channels: int) -> np.ndarray:
         """Decoded (H, W, C) uint8 image; ImageError when it cannot be fetched or decoded."""
@@ -66,13 +166,14 @@ class ImageCache:
         except ValueError as exc:
             # keep the broken download out of the cache so a fixed file is fetched again
             path.unlink(missing_ok=True)
+            self.release(path)
             raise ImageError(f"cannot decode image {url[:120]}: {exc}") from None
 
 
 def load_task_images(tasks: list[dict], image_field: str, cache: ImageCache, load_image: Callable,
                      *, image_size: int, channels: int, workers: int = 8
                      ) -> tuple[list[int], np.ndarray, dict[int, str]]:
-    """Images of ``tasks``; broken ones are skipped with a warning.
+    """Images of ``tasks``, decoded into memory; broken ones are skipped with a warning.
 
     Returns
     -------
@@ -80,6 +181,30 @@ def load_task_images(tasks: list[dict], image_field: str, cache: ImageCache, loa
     images : (len(ok_idx), image_size, image_size, channels) uint8.
     errors : task id -> reason, for the skipped ones.
     """
+    arrays: list[np.ndarray] = []
+    ok_idx, _, errors = _fetch_and_check(tasks, image_field, cache, load_image, image_size=image_size,
+                                         channels=channels, workers=workers, keep=arrays.append)
+    if arrays:
+        images = np.stack(arrays).astype(np.uint8, copy=False)
+    else:
+        images = np.zeros((0, image_size, image_size, channels), dtype=np.uint8)
+    return ok_idx, images, errors
+
+
+def cache_task_images(tasks: list[dict], image_field: str, cache: ImageCache, load_image: Callable,
+                      *, image_size: int, channels: int, workers: int = 8
+                      ) -> tuple[list[int], list[str], dict[int, str]]:
+    """Like :func:`load_task_images`, but returns the cached files' paths, not the pixels.
+
+    Every image is decoded once here, so that a broken one is skipped now rather than failing
+    a DataLoader worker mid-training; only one image is in memory at a time (large projects:
+    ``model.sources.FileImages`` streams the files into training).
+    """
+    return _fetch_and_check(tasks, image_field, cache, load_image, image_size=image_size,
+                            channels=channels, workers=workers, keep=None)
+
+
+def _fetch_and_check(tasks, image_field, cache, load_image, *, image_size, channels, workers, keep):
     from concurrent.futures import ThreadPoolExecutor
 
     def fetch(task):          # network in parallel; decoding stays in this thread
@@ -92,21 +217,20 @@ def load_task_images(tasks: list[dict], image_field: str, cache: ImageCache, loa
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         fetched = list(pool.map(fetch, tasks))
-    ok_idx, arrays, errors = [], [], {}
+    ok_idx, paths, errors = [], [], {}
     for i, (task, (url, error)) in enumerate(zip(tasks, fetched)):
         try:
             if error is not None:
                 raise ImageError(error)
-            arrays.append(cache.load(url, load_image, image_size=image_size, channels=channels))
+            array = cache.load(url, load_image, image_size=image_size, channels=channels)
+            if keep is not None:
+                keep(array)
             ok_idx.append(i)
+            paths.append(str(cache.path_for(url)))
         except ImageError as exc:
             errors[int(task["id"])] = str(exc)
     if errors:
         sample = list(errors.items())[:5]
         logger.warning("skipped %d task(s) whose image could not be used, e.g. %s",
                        len(errors), sample)
-    if arrays:
-        images = np.stack(arrays).astype(np.uint8, copy=False)
-    else:
-        images = np.zeros((0, image_size, image_size, channels), dtype=np.uint8)
-    return ok_idx, images, errors
+    return ok_idx, paths, errors

@@ -38,6 +38,11 @@ class Settings:
     job_timeout: int = 3600               # seconds; one training job
     model_dir: str = "./runs/ml_backend"
     image_cache_dir: str | None = None    # default <model_dir>/image_cache
+    image_cache_max_mb: int = 2048        # cap on the image cache; LRU files not in use are evicted; 0 = no cap
+    stream_above_tasks: int = 5000        # more tasks: images streamed from the cache (FileImages), not in memory
+    dataloader_workers: int = 2           # DataLoader worker processes decoding streamed images
+    gpus_per_job: int = 1                 # > 1: the job trains with torchrun, one process per GPU (DDP)
+    train_processes: int = 0              # torchrun processes; 0 = gpus_per_job (> 1 on a CPU: gloo ranks)
     label_source: str = "data"            # "data" (task data field) or "annotation" (first annotation)
     label_field: str = "label"            # task data field with the noisy label (label_source=data)
     relabel_budget: int = 0               # trusted relabels after which retraining stops; 0 = unlimited
@@ -88,15 +93,24 @@ class Settings:
             raise ValueError(
                 f"ALR_LABEL_SOURCE must be one of {LABEL_SOURCES}, got {self.label_source!r}")
         for name in ("redis_port", "job_timeout", "predictions_batch_size", "image_size",
-                     "batch_size", "max_request_bytes"):
+                     "batch_size", "max_request_bytes", "gpus_per_job"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"ALR_CHANNELS must be 1 or 3, got {self.channels!r}")
         if self.keep_prediction_versions < 0:
             raise ValueError(f"keep_prediction_versions must be >= 0, got {self.keep_prediction_versions!r}")
+        for name, var in (("image_cache_max_mb", "ALR_IMAGE_CACHE_MAX_MB"), ("stream_above_tasks", "ALR_STREAM_ABOVE_TASKS"),
+                          ("dataloader_workers", "ALR_DATALOADER_WORKERS"), ("train_processes", "ALR_TRAIN_PROCESSES")):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{var} must be >= 0, got {getattr(self, name)!r}")
         if self.relabel_budget < 0:
             raise ValueError(f"ALR_RELABEL_BUDGET must be >= 0, got {self.relabel_budget!r}")
+
+    @property
+    def training_processes(self) -> int:
+        """Processes one training job runs (1 = in the worker's own process, the default)."""
+        return self.train_processes or self.gpus_per_job
 
     @property
     def cache_dir(self) -> str:
@@ -118,6 +132,11 @@ _ENV = {
     "job_timeout": ("ALR_JOB_TIMEOUT", int),
     "model_dir": ("MODEL_DIR", str),
     "image_cache_dir": ("ALR_IMAGE_CACHE_DIR", str),
+    "image_cache_max_mb": ("ALR_IMAGE_CACHE_MAX_MB", int),
+    "stream_above_tasks": ("ALR_STREAM_ABOVE_TASKS", int),
+    "dataloader_workers": ("ALR_DATALOADER_WORKERS", int),
+    "gpus_per_job": ("ALR_GPUS_PER_JOB", int),
+    "train_processes": ("ALR_TRAIN_PROCESSES", int),
     "label_source": ("ALR_LABEL_SOURCE", str),
     "label_field": ("ALR_LABEL_FIELD", str),
     "relabel_budget": ("ALR_RELABEL_BUDGET", int),

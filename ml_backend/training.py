@@ -3,22 +3,38 @@
 ``train_project_job(project_id, reason)`` is the rq entry point (arguments are plain ids and
 strings; settings come from the worker's environment).  ``run_training_job`` does the work
 and is the only place that calls the engine (``model.engine.train_and_score``).
+
+Two ways to train, the same records after: in the worker's own process (default), or, when
+ALR_GPUS_PER_JOB (or ALR_TRAIN_PROCESSES) > 1, ``torchrun -m model.train`` as a subprocess
+with one process per GPU (DDP; gloo ranks on a CPU), which hands back ``scores.npz``.
+Large projects (more than ALR_STREAM_ABOVE_TASKS tasks) stream images from the on-disk cache
+with ``model.sources.FileImages`` instead of decoding them all into memory.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
 import math
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
+from collections import deque
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
 
-from .images import ImageCache, load_task_images
+from .images import ImageCache, cache_task_images, load_task_images
 from .labelconfig import LabelConfigInfo, parse_label_config
 from .labels import extract_labels
 from .ls_client import LabelStudioClient
@@ -41,11 +57,105 @@ def config_fingerprint(info: LabelConfigInfo) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def engine_config(engine, settings: Settings):
+def engine_config(engine, settings: Settings, *, streaming: bool = False):
+    """The EngineConfig of a job; DataLoader workers only matter (and are only set) when streaming."""
+    extra = {"num_workers": settings.dataloader_workers} if streaming else {}
     return engine.EngineConfig(arch=settings.arch, image_size=settings.image_size,
                                epochs=settings.epochs, finetune_epochs=settings.finetune_epochs,
                                batch_size=settings.batch_size, forget_rate=settings.forget_rate,
-                               seed=settings.seed)
+                               seed=settings.seed, **extra)
+
+
+class TrainingProcessError(RuntimeError):
+    """The torchrun training subprocess failed or ran out of time (the message has its last output)."""
+
+
+_EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)")
+
+
+def train_with_torchrun(*, images=None, image_paths=None, channels: int, labels: np.ndarray,
+                        sample_ids: np.ndarray, trusted_mask: np.ndarray, class_names: list[str], config,
+                        previous_checkpoint, checkpoint_path: Path, work_dir: Path, processes: int,
+                        timeout: float, progress: Progress, stage: str) -> SimpleNamespace:
+    """Phase 1 / Phase 2 in ``processes`` torchrun ranks (``python -m model.train``); the result
+    read back from its scores.npz carries the fields :func:`build_records` uses.
+
+    ``images`` (N, H, W, C) uint8 or ``image_paths`` (N,) (streamed by each rank) go into
+    ``work_dir/job.npz``; the log lines of rank 0 go into this job's log; the subprocess group
+    is killed after ``timeout`` seconds or when this job is interrupted.
+    """
+    if not hasattr(config, "to_dict"):
+        raise ValueError("ALR_GPUS_PER_JOB / ALR_TRAIN_PROCESSES > 1 trains with model.train (torchrun), "
+                         "which needs the real engine (ALR_ENGINE_MODULE=model.engine)")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {"labels_noisy": np.asarray(labels, np.int64), "sample_ids": np.asarray(sample_ids, np.int64),
+              "trusted_mask": np.asarray(trusted_mask, bool), "class_names": np.array(class_names, dtype=str)}
+    if image_paths is not None:
+        arrays.update(image_paths=np.array(image_paths, dtype=str), channels=np.int64(channels))
+    else:
+        arrays["images"] = images
+    np.savez(work_dir / "job.npz", **arrays)
+    (work_dir / "config.json").write_text(json.dumps(config.to_dict()))
+    out = work_dir / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "model.train", "--npz", str(work_dir / "job.npz"), "--out", str(out),
+               "--config-json", str(work_dir / "config.json"), "--checkpoint", str(checkpoint_path)]
+    if previous_checkpoint is not None:
+        command += ["--previous-checkpoint", str(previous_checkpoint)]
+    model_root = str(Path(importlib.util.find_spec("model").origin).resolve().parents[1])
+    env = dict(os.environ)
+    env.update(PYTHONUNBUFFERED="1", TQDM_DISABLE="1",       # line-by-line logs, no progress bars
+               PYTHONPATH=os.pathsep.join(p for p in (model_root, env.get("PYTHONPATH")) if p))
+    logger.info("training with torchrun, %d processes: %s", processes, " ".join(command))
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, start_new_session=True)
+    timed_out = threading.Event()
+
+    def kill():
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)      # torchrun and its ranks: their own session
+            except ProcessLookupError:
+                pass
+
+    def on_timeout():
+        timed_out.set()
+        kill()
+
+    timer = threading.Timer(max(float(timeout), 1.0), on_timeout)
+    timer.daemon = True
+    timer.start()
+    tail: deque[str] = deque(maxlen=40)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if not line:
+                continue
+            tail.append(line)
+            logger.info("torchrun: %s", line)
+            m = _EPOCH_LINE.search(line)
+            if m:
+                progress(stage, int(m.group(1)) / max(int(m.group(2)), 1))
+        returncode = proc.wait()
+    finally:
+        timer.cancel()
+        kill()                    # interrupted (rq timeout, shutdown): leave no ranks behind
+        proc.stdout.close()
+    if timed_out.is_set():
+        raise TrainingProcessError(f"torchrun training did not finish within {timeout:.0f} s (the job timeout, "
+                                   "ALR_JOB_TIMEOUT) and was killed; last output:\n" + "\n".join(tail))
+    if returncode != 0:
+        raise TrainingProcessError(f"torchrun training failed with exit code {returncode}; last output:\n"
+                                   + "\n".join(tail))
+    with np.load(out / "scores.npz") as scores:
+        result = SimpleNamespace(sample_ids=scores["sample_ids"], predicted_labels=scores["predicted_labels"],
+                                 ls_score=scores["ls_score"], prob_label_wrong=scores["prob_label_wrong"],
+                                 loss=scores["loss"], vog_scores=scores["vog"], priority=scores["priority"],
+                                 lnl_clean_mask=scores["lnl_clean_mask"])
+    if not np.array_equal(result.sample_ids, sample_ids):
+        raise TrainingProcessError("torchrun's scores.npz does not hold the job's samples in order")
+    shutil.rmtree(work_dir, ignore_errors=True)      # the arrays were a copy; keep the version small
+    return result
 
 
 def _num(x) -> float | None:
@@ -152,9 +262,24 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         return {"status": "budget_spent", "project": p, "model_version": previous}
 
     progress("download", 0.0)
-    cache = ImageCache(settings.cache_dir, client)
-    ok_idx, images, errors = load_task_images(tasks, info.image_field, cache, engine.load_image,
-                                              image_size=settings.image_size, channels=settings.channels)
+    cache = ImageCache(settings.cache_dir, client, max_cache_bytes=settings.image_cache_max_mb * 2**20,
+                       protect_seconds=settings.job_timeout)
+    streaming = len(tasks) > settings.stream_above_tasks
+    if streaming:       # large project: keep file paths, let DataLoader workers decode per batch
+        logger.info("project %d: %d tasks > ALR_STREAM_ABOVE_TASKS=%d: streaming images from the cache",
+                    p, len(tasks), settings.stream_above_tasks)
+        ok_idx, paths, errors = cache_task_images(tasks, info.image_field, cache, engine.load_image,
+                                                  image_size=settings.image_size, channels=settings.channels)
+
+        def images_at(pos):
+            return engine.FileImages([paths[j] for j in pos], image_size=settings.image_size,
+                                     channels=settings.channels)
+    else:
+        ok_idx, images, errors = load_task_images(tasks, info.image_field, cache, engine.load_image,
+                                                  image_size=settings.image_size, channels=settings.channels)
+
+        def images_at(pos):
+            return images[pos]
     ok_tasks = [tasks[i] for i in ok_idx]
     ok_labels = [labels[i] for i in ok_idx]
     train_pos = [j for j, tl in enumerate(ok_labels) if tl.label is not None]
@@ -180,21 +305,32 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         ids = np.array([int(ok_tasks[j]["id"]) for j in train_pos], dtype=np.int64)
         y = np.array([ok_labels[j].label for j in train_pos], dtype=np.int64)
         trusted_mask = np.array([ok_labels[j].is_trusted for j in train_pos], dtype=bool)
-        progress(f"train (phase {phase})", 0.0)
-        extra = {}
-        if "progress_bar" in inspect.signature(engine.train_and_score).parameters:
-            extra["progress_bar"] = False        # progress goes to job.meta and the log instead
-        result = engine.train_and_score(
-            images[train_pos], y, sample_ids=ids, class_names=list(info.class_names),
-            trusted_mask=trusted_mask, previous_checkpoint=previous_checkpoint,
-            checkpoint_path=tmp / "checkpoint.pt", config=engine_config(engine, settings),
-            progress=progress, **extra)
+        stage = f"train (phase {phase})"
+        progress(stage, 0.0)
+        config = engine_config(engine, settings, streaming=streaming)
+        processes = settings.training_processes
+        if processes > 1:
+            result = train_with_torchrun(
+                images=None if streaming else images[train_pos],
+                image_paths=[paths[j] for j in train_pos] if streaming else None, channels=settings.channels,
+                labels=y, sample_ids=ids, trusted_mask=trusted_mask, class_names=list(info.class_names),
+                config=config, previous_checkpoint=previous_checkpoint, checkpoint_path=tmp / "checkpoint.pt",
+                work_dir=tmp / "torchrun", processes=processes,
+                timeout=settings.job_timeout - (time.monotonic() - t0), progress=progress, stage=stage)
+        else:
+            extra = {}
+            if "progress_bar" in inspect.signature(engine.train_and_score).parameters:
+                extra["progress_bar"] = False        # progress goes to job.meta and the log instead
+            result = engine.train_and_score(
+                images_at(train_pos), y, sample_ids=ids, class_names=list(info.class_names),
+                trusted_mask=trusted_mask, previous_checkpoint=previous_checkpoint,
+                checkpoint_path=tmp / "checkpoint.pt", config=config, progress=progress, **extra)
         given = {int(ok_tasks[j]["id"]): ok_labels[j].noisy for j in range(len(ok_tasks))}
         trusted = {int(ok_tasks[j]["id"]): ok_labels[j].is_trusted for j in range(len(ok_tasks))}
         records = build_records(result, class_names=list(info.class_names), given=given, trusted=trusted)
         if other_pos:
             progress("score unlabelled", 0.0)
-            scored = engine.score_images(tmp / "checkpoint.pt", images[other_pos], None)
+            scored = engine.score_images(tmp / "checkpoint.pt", images_at(other_pos), None)
             scored.sample_ids = np.array([int(ok_tasks[j]["id"]) for j in other_pos], dtype=np.int64)
             records.update(build_records(scored, class_names=list(info.class_names), given=given,
                                          trusted=trusted))
@@ -206,12 +342,15 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
                 "class_names": list(info.class_names), "n_tasks": len(tasks),
                 "n_trained": len(train_pos), "n_trusted": n_trusted,
                 "n_scored_only": len(other_pos), "skipped_images": errors,
+                "train_processes": processes, "streamed_images": streaming,
                 "trained_task_labels": {str(int(ok_tasks[j]["id"])): int(ok_labels[j].label)
                                         for j in train_pos},
                 "trusted_task_ids": [int(ok_tasks[j]["id"]) for j in train_pos if ok_labels[j].is_trusted],
                 "settings": {k: getattr(settings, k) for k in ("arch", "image_size", "channels", "epochs",
                                                                "finetune_epochs", "batch_size", "seed",
-                                                               "label_source", "label_field")},
+                                                               "label_source", "label_field",
+                                                               "gpus_per_job", "train_processes",
+                                                               "stream_above_tasks", "dataloader_workers")},
                 "train_seconds": round(time.monotonic() - t0, 2)}
         atomic_write_json(tmp / "meta.json", meta)
         store.commit(version, tmp)

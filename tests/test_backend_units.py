@@ -148,3 +148,57 @@ def test_client_refuses_bad_key_without_logging_it(caplog):
         assert LEGACY_TOKEN not in str(err.value) and LEGACY_TOKEN not in caplog.text
         with pytest.raises(LabelStudioAuthError):
             LabelStudioClient(ls.url, "wrong").get_project(1)
+
+
+# -- the bounded image cache -------------------------------------------------------------
+class _Bytes:
+    """A client whose every image is 1000 bytes."""
+
+    def download(self, url, *, max_bytes):
+        return b"x" * 1000
+
+
+def _cache_bytes(root) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def test_image_cache_evicts_lru_files_under_the_cap_never_ones_in_use(tmp_path):
+    import os
+
+    from ml_backend.images import ImageCache
+
+    old = ImageCache(tmp_path, _Bytes())                  # an earlier job filled the cache
+    for i in range(8):
+        path = old.fetch(f"http://x/{i}.png")
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))    # least recently used: 0, then 1, ...
+    old.fetch("http://x/7.png")                           # ... and 7 used again just now
+    job = ImageCache(tmp_path, _Bytes(), max_cache_bytes=6000, protect_seconds=3600)
+    needed = [job.fetch("http://x/5.png"), job.fetch("http://x/6.png")]   # this job uses two old files
+    for i in range(8, 11):
+        needed.append(job.fetch(f"http://x/{i}.png"))
+        assert _cache_bytes(tmp_path) <= 6000
+    assert all(p.exists() for p in needed)                # in use by the job: kept
+    assert old.path_for("http://x/7.png").exists()        # touched within the job timeout: kept
+    assert not any(old.path_for(f"http://x/{i}.png").exists() for i in range(4))   # LRU evicted first
+    assert job.evicted >= 4
+
+
+def test_image_cache_over_cap_only_with_files_in_use_keeps_them_and_warns(tmp_path, caplog):
+    from ml_backend.images import ImageCache
+
+    job = ImageCache(tmp_path, _Bytes(), max_cache_bytes=2500)
+    paths = [job.fetch(f"http://x/{i}.png") for i in range(5)]
+    assert all(p.exists() for p in paths) and job.evicted == 0
+    assert "every remaining file is in use" in caplog.text
+
+
+def test_settings_for_scale_out_and_large_projects():
+    s = Settings.from_env({})
+    assert (s.gpus_per_job, s.train_processes, s.training_processes) == (1, 0, 1)
+    assert (s.image_cache_max_mb, s.stream_above_tasks, s.dataloader_workers) == (2048, 5000, 2)
+    assert Settings.from_env({"ALR_GPUS_PER_JOB": "4"}).training_processes == 4
+    assert Settings.from_env({"ALR_TRAIN_PROCESSES": "2"}).training_processes == 2
+    with pytest.raises(ValueError, match="ALR_IMAGE_CACHE_MAX_MB"):
+        Settings.from_env({"ALR_IMAGE_CACHE_MAX_MB": "-1"})
+    with pytest.raises(ValueError, match="gpus_per_job"):
+        Settings.from_env({"ALR_GPUS_PER_JOB": "0"})

@@ -1,0 +1,142 @@
+"""The training job on the real engine: torchrun with 2 gloo ranks, and images streamed from the cache.
+
+A small digits project (8 px, grey, 10 classes, some labels wrong, one task without a label)
+served by the fake Label Studio; a few epochs only.  What is checked is the plumbing: the
+version published by the torchrun path (ALR_TRAIN_PROCESSES=2, the same code as
+ALR_GPUS_PER_JOB=2 on a GPU host) has one sane record per task, with the task ids; the
+streaming path (ALR_STREAM_ABOVE_TASKS below the project size) gives the same results as the
+in-memory path.  The quality of the 2-rank split is tests/test_distributed.py's business.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ml_backend.settings import Settings
+from ml_backend.store import ProjectStore
+from ml_backend.training import TrainingProcessError, run_training_job
+from model.datasets import load_digits_dataset
+from tests.test_backend_fake_ls import PAT, FakeLabelStudio
+
+N_TASKS = 160
+DIGITS_10 = """<View>
+  <Image name="image" value="$image"/>
+  <Choices name="label" toName="image" choice="single">
+    """ + "".join(f'<Choice value="{k}"/>' for k in range(10)) + """
+  </Choices>
+</View>"""
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array[..., 0]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def digits_ls(backend_env, monkeypatch, tmp_path):
+    data = load_digits_dataset()
+    rng = np.random.default_rng(0)
+    labels = data.labels[:N_TASKS].copy()
+    wrong = rng.choice(N_TASKS - 1, size=16, replace=False)
+    labels[wrong] = (labels[wrong] + 1 + rng.integers(0, 9, size=16)) % 10
+    with FakeLabelStudio() as ls:
+        ls.add_project(1, label_config=DIGITS_10)
+        for i in range(N_TASKS):
+            label = None if i == N_TASKS - 1 else str(int(labels[i]))    # the last task: scored only
+            ls.add_task(1, 1000 + i, label=label, pixel=0, image=_png(data.images[i]))
+        for var, value in {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": PAT,
+                           "ALR_ENGINE_MODULE": "model.engine", "ALR_EPOCHS": "3", "ALR_FINETUNE_EPOCHS": "1",
+                           "ALR_FORGET_RATE": "0.1", "ALR_BATCH_SIZE": "32", "ALR_DATALOADER_WORKERS": "0",
+                           "ALR_JOB_TIMEOUT": "600"}.items():
+            monkeypatch.setenv(var, value)
+        yield ls
+
+
+def _published(settings: Settings) -> tuple[dict, dict]:
+    store = ProjectStore(settings.model_dir, 1)
+    version_dir = store.version_dir(store.current_version())
+    results = json.loads((version_dir / "results.json").read_text())
+    meta = json.loads((version_dir / "meta.json").read_text())
+    return results, meta
+
+
+def _check_sane(ls, results: dict) -> None:
+    items = {int(k): v for k, v in results["items"].items()}
+    assert sorted(items) == sorted(ls.tasks)                   # one record per task, by task id
+    scores = np.array([v["score"] for v in items.values()])
+    assert np.all((scores >= 0) & (scores <= 1))
+    for tid, rec in items.items():
+        assert rec["suggested"] in [str(k) for k in range(10)]
+        if tid != 1000 + N_TASKS - 1:
+            assert 0.0 <= rec["prob_label_wrong"] <= 1.0 and rec["loss"] >= 0
+    assert items[1000 + N_TASKS - 1]["given"] is None          # unlabelled: scored by a forward pass
+    assert {p["task"] for p in ls.predictions} == set(ls.tasks)
+
+
+def test_torchrun_job_with_two_gloo_ranks_publishes_sane_records(digits_ls, monkeypatch, caplog):
+    monkeypatch.setenv("ALR_TRAIN_PROCESSES", "2")
+    settings = Settings.from_env()
+    with caplog.at_level(logging.INFO, logger="ml_backend.training"):
+        summary = run_training_job(1, settings=settings)
+    assert summary["status"] == "trained" and summary["phase"] == 1
+    results, meta = _published(settings)
+    _check_sane(digits_ls, results)
+    assert meta["train_processes"] == 2 and meta["n_trained"] == N_TASKS - 1
+    assert "world size 2" in caplog.text                      # rank 0's log reached the job log
+    version_dir = ProjectStore(settings.model_dir, 1).version_dir(summary["model_version"])
+    assert not (version_dir / "torchrun").exists()            # the job's npz copy is not kept
+
+    digits_ls.annotate(1000, "9")                              # a relabel: Phase 2 through torchrun too
+    summary = run_training_job(1, settings=Settings.from_env())
+    assert summary["phase"] == 2
+    results, _ = _published(settings)
+    assert results["items"]["1000"]["trusted"] and results["items"]["1000"]["score"] == 1.0
+
+
+def test_torchrun_failure_fails_the_job_with_its_output(digits_ls, monkeypatch):
+    monkeypatch.setenv("ALR_TRAIN_PROCESSES", "2")
+    monkeypatch.setenv("ALR_ARCH", "resnet18")
+    monkeypatch.setenv("ALR_IMAGE_SIZE", "8")
+    settings = Settings.from_env().replace(batch_size=1)      # EngineConfig refuses batch_size < 2
+    with pytest.raises((TrainingProcessError, ValueError)):
+        run_training_job(1, settings=settings)
+    assert ProjectStore(settings.model_dir, 1).current_version() is None
+
+
+def test_streamed_images_give_the_same_results_as_in_memory(digits_ls, monkeypatch, tmp_path):
+    runs = {}
+    for name, threshold in (("memory", "100000"), ("stream", "10")):
+        monkeypatch.setenv("MODEL_DIR", str(tmp_path / name))
+        monkeypatch.setenv("ALR_STREAM_ABOVE_TASKS", threshold)
+        settings = Settings.from_env()
+        run_training_job(1, settings=settings)
+        runs[name] = _published(settings)
+    assert not runs["memory"][1]["streamed_images"] and runs["stream"][1]["streamed_images"]
+    memory, stream = runs["memory"][0]["items"], runs["stream"][0]["items"]
+    assert memory.keys() == stream.keys()
+    # Not bit-identical in training: every DataLoader iterator draws its base seed from torch's
+    # global RNG, so the streamed run's augmentation and dropout draws are shifted against the
+    # in-memory run's (model/sources.py iterate_batches; reported, not ours to change).  Same
+    # seed, same run every time: measured 2026-11 on this case 0.925 suggestions agree, largest
+    # score difference 0.015.  Scoring has no randomness and must match exactly (below).
+    agree = np.mean([memory[t]["suggested"] == stream[t]["suggested"] for t in memory])
+    diff = max(abs(memory[t]["score"] - stream[t]["score"]) for t in memory)
+    print(f"streamed vs in-memory: suggestions agree on {agree:.3f}, largest score difference {diff:.4f}")
+    assert agree >= 0.85 and diff < 0.05
+
+    from model.engine import FileImages, score_images
+    settings = Settings.from_env()
+    store = ProjectStore(str(tmp_path / "memory"), 1)
+    checkpoint = store.version_dir(store.current_version()) / "checkpoint.pt"
+    paths = sorted(p for p in (tmp_path / "stream" / "image_cache").rglob("*") if p.is_file())
+    files = FileImages(paths, image_size=settings.image_size, channels=settings.channels)
+    arrays = np.stack([files[i].permute(1, 2, 0).numpy() for i in range(len(files))])
+    from_files, from_memory = score_images(checkpoint, files), score_images(checkpoint, arrays)
+    np.testing.assert_allclose(from_files.pred_probs, from_memory.pred_probs, atol=1e-6)
+    np.testing.assert_allclose(from_files.ls_score, from_memory.ls_score, atol=1e-6)
