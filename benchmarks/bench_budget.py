@@ -5,7 +5,8 @@
 
 For each seed, one ``selection.simulate.run`` with ``--rounds R --sampler all``:
 digits, long-tailed ratio 20, 40% symmetric noise, 25% of each class held out as a
-clean test set; Phase 1 (Co-teaching + VoG, default EngineConfig) once, then per
+clean test set; Phase 1 (Co-teaching + VoG, default EngineConfig: class-balanced
+selection with per-label forget rates, rarity_weight 0.5) once, then per
 sampler R rounds of ``--budget`` relabels drawn from the samples LNL discarded,
 answered by the oracle, with fine-tuning on the trusted set after each round.
 Reports per round: the fraction of all label errors fixed, and the clean test
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
         f"Digits, long-tailed ratio 20 ({reports[0]['dataset']['num_samples']} training samples, "
         f"{reports[0]['dataset']['test_samples']} clean test samples), {int(args.noise_rate * 100)}% {args.noise} "
         f"noise ({mean_std(wrong_in_pool, '{:.0f}')} wrong labels), seeds {args.seeds}; Phase 1: {args.epochs} "
-        f"epochs, default EngineConfig; then {args.rounds} rounds of {args.budget} relabels from the LNL-discarded "
+        f"epochs, default EngineConfig (class-balanced selection with per-label forget rates, VoG from the eval "
+        f"pass, relabel priority rarity_weight 0.5); then {args.rounds} rounds of {args.budget} relabels from the LNL-discarded "
         f"pool ({mean_std(pool, '{:.0f}')} samples), {args.finetune_epochs} fine-tuning epochs per round. "
         "Columns: relabels spent. Mean ± std over seeds. Plot: benchmarks/budget_curves.png.", "",
         "### Fraction of all label errors fixed", "", table("errors_fixed", "{:.3f}"), "",
