@@ -100,13 +100,24 @@ def test_torchrun_job_with_two_gloo_ranks_publishes_sane_records(digits_ls, monk
 
 
 def test_torchrun_failure_fails_the_job_with_its_output(digits_ls, monkeypatch):
+    first = run_training_job(1, settings=Settings.from_env())["model_version"]     # in-process
+    store = ProjectStore(Settings.from_env().model_dir, 1)
+    (store.version_dir(first) / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    digits_ls.annotate(1000, "9")
     monkeypatch.setenv("ALR_TRAIN_PROCESSES", "2")
-    monkeypatch.setenv("ALR_ARCH", "resnet18")
-    monkeypatch.setenv("ALR_IMAGE_SIZE", "8")
-    settings = Settings.from_env().replace(batch_size=1)      # EngineConfig refuses batch_size < 2
-    with pytest.raises((TrainingProcessError, ValueError)):
-        run_training_job(1, settings=settings)
-    assert ProjectStore(settings.model_dir, 1).current_version() is None
+    with pytest.raises(TrainingProcessError, match="exit code") as err:
+        run_training_job(1, settings=Settings.from_env())          # Phase 2 cannot load it
+    assert "Traceback" in str(err.value) or "Error" in str(err.value)
+    assert store.current_version() == first and len(store.list_versions()) == 1   # nothing half-written
+
+
+def test_torchrun_is_killed_at_the_job_timeout(digits_ls, monkeypatch):
+    monkeypatch.setenv("ALR_TRAIN_PROCESSES", "2")
+    monkeypatch.setenv("ALR_JOB_TIMEOUT", "1")
+    monkeypatch.setenv("ALR_EPOCHS", "50")
+    with pytest.raises(TrainingProcessError, match="did not finish within"):
+        run_training_job(1, settings=Settings.from_env())
+    assert ProjectStore(Settings.from_env().model_dir, 1).current_version() is None
 
 
 def test_streamed_images_give_the_same_results_as_in_memory(digits_ls, monkeypatch, tmp_path):
