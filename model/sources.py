@@ -70,8 +70,10 @@ def iterate_batches(images: ImageSource, batches: Sequence[torch.Tensor], *, dev
         for idx in batches:
             yield idx, images[idx].to(device, non_blocking=True)
         return
+    # A generator of its own: a DataLoader iterator otherwise draws its worker seed from torch's
+    # global generator, which shifts dropout and so makes streamed training differ from in-memory.
     loader = DataLoader(images, batch_sampler=[idx.tolist() for idx in batches], num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     for idx, x in zip(batches, loader):
         yield idx, x.to(device, non_blocking=True)
 
