@@ -107,9 +107,9 @@ class NoiseRobustImageClassifier(LabelStudioMLBase):
         todo = tasks[:limit]
         out: list[dict | None] = [None] * len(tasks)
         try:
-            engine = load_engine(self.settings)
+            engine = load_engine()
         except ImportError:
-            logger.exception("engine module %s cannot be imported", self.settings.engine_module)
+            logger.exception("the engine (model.engine) cannot be imported: is the project installed?")
             return out
         url = self.settings.label_studio_url or self.hostname
         key = self.settings.label_studio_api_key or self.access_token

@@ -62,7 +62,6 @@ class Settings:
     batch_size: int = 128
     forget_rate: float | None = None
     seed: int = 0
-    engine_module: str = "model.engine"   # tests point this at a stand-in; leave as is
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -153,5 +152,4 @@ _ENV = {
     "batch_size": ("ALR_BATCH_SIZE", int),
     "forget_rate": ("ALR_FORGET_RATE", _optional_float),
     "seed": ("ALR_SEED", int),
-    "engine_module": ("ALR_ENGINE_MODULE", str),
 }

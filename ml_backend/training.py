@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import inspect
 import json
 import logging
 import math
@@ -46,9 +45,9 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
 
 
-def load_engine(settings: Settings):
-    """The engine module (``model.engine``; tests may point ALR_ENGINE_MODULE elsewhere)."""
-    return importlib.import_module(settings.engine_module)
+def load_engine():
+    """model.engine, imported when a job or an unseen task needs it (torch is heavy to import)."""
+    return importlib.import_module("model.engine")
 
 
 def config_fingerprint(info: LabelConfigInfo) -> str:
@@ -84,9 +83,6 @@ def train_with_torchrun(*, images=None, image_paths=None, channels: int, labels:
     ``work_dir/job.npz``; the log lines of rank 0 go into this job's log; the subprocess group
     is killed after ``timeout`` seconds or when this job is interrupted.
     """
-    if not hasattr(config, "to_dict"):
-        raise ValueError("ALR_GPUS_PER_JOB / ALR_TRAIN_PROCESSES > 1 trains with model.train (torchrun), "
-                         "which needs the real engine (ALR_ENGINE_MODULE=model.engine)")
     work_dir.mkdir(parents=True, exist_ok=True)
     arrays = {"labels_noisy": np.asarray(labels, np.int64), "sample_ids": np.asarray(sample_ids, np.int64),
               "trusted_mask": np.asarray(trusted_mask, bool), "class_names": np.array(class_names, dtype=str)}
@@ -237,7 +233,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     progress = progress or _JobProgress()
     t0 = time.monotonic()
     p = int(project_id)
-    engine = load_engine(settings)
+    engine = load_engine()
     client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key,
                                          timeout=settings.request_timeout)
     store = ProjectStore(settings.model_dir, p)
@@ -318,13 +314,11 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
                 work_dir=tmp / "torchrun", processes=processes,
                 timeout=settings.job_timeout - (time.monotonic() - t0), progress=progress, stage=stage)
         else:
-            extra = {}
-            if "progress_bar" in inspect.signature(engine.train_and_score).parameters:
-                extra["progress_bar"] = False        # progress goes to job.meta and the log instead
             result = engine.train_and_score(
                 images_at(train_pos), y, sample_ids=ids, class_names=list(info.class_names),
                 trusted_mask=trusted_mask, previous_checkpoint=previous_checkpoint,
-                checkpoint_path=tmp / "checkpoint.pt", config=config, progress=progress, **extra)
+                checkpoint_path=tmp / "checkpoint.pt", config=config, progress=progress,
+                progress_bar=False)                  # progress goes to job.meta and the log instead
         given = {int(ok_tasks[j]["id"]): ok_labels[j].noisy for j in range(len(ok_tasks))}
         trusted = {int(ok_tasks[j]["id"]): ok_labels[j].is_trusted for j in range(len(ok_tasks))}
         records = build_records(result, class_names=list(info.class_names), given=given, trusted=trusted)

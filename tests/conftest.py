@@ -86,8 +86,10 @@ def backend_env(tmp_path, monkeypatch):
     """Environment of a backend using the fake engine, a temp MODEL_DIR and no redis."""
     env = {
         "MODEL_DIR": str(tmp_path / "models"),
-        "ALR_ENGINE_MODULE": "tests.test_backend_fake_engine",
         "ALR_IMAGE_SIZE": "8",
+        "ALR_EPOCHS": "10",
+        "ALR_FINETUNE_EPOCHS": "2",
+        "ALR_FORGET_RATE": "0.2",
         "ALR_CHANNELS": "1",
         "ALR_MIN_LABELLED_TASKS": "3",
         "ALR_USE_REDIS": "false",

@@ -1,7 +1,7 @@
 """Flask test-client tests of the backend app: /setup, /predict, /webhook, /health, bad input.
 
 Training runs in the in-process fallback (no redis) against a fake Label Studio API and the
-stand-in engine (tests/test_backend_fake_engine.py), so a full train -> push -> predict cycle takes < 1 s.
+real engine on 8 px images with few epochs, so a full train -> push -> predict cycle takes seconds.
 """
 from __future__ import annotations
 
@@ -126,12 +126,12 @@ def test_relabel_budget_stops_retraining(fake_ls, monkeypatch):
 
 
 def test_failed_training_leaves_no_half_written_version(fake_ls, monkeypatch):
-    import tests.test_backend_fake_engine as fe
+    import model.engine
 
     def boom(*a, **k):
         raise RuntimeError("engine crashed")
 
-    monkeypatch.setattr(fe, "train_and_score", boom)
+    monkeypatch.setattr(model.engine, "train_and_score", boom)    # a crash mid-training
     with pytest.raises(RuntimeError):
         run_training_job(1, settings=Settings.from_env())
     store = ProjectStore(Settings.from_env().model_dir, 1)

@@ -30,8 +30,18 @@ DIGITS_CONFIG = """<View>
 
 
 def png_bytes(value: int, size: int = 8) -> bytes:
+    """A small grey PNG whose shape, not only brightness, tells its class: a vertical bar for dark
+    values, a horizontal bar for middling ones, a frame for bright ones (a CNN learns it in a few epochs)."""
+    pixels = np.full((size, size), 10, np.uint8)
+    middle = slice(size // 2 - 1, size // 2 + 1)
+    if value < 85:
+        pixels[:, middle] = 250
+    elif value < 170:
+        pixels[middle, :] = 250
+    else:
+        pixels[[0, -1], :] = pixels[:, [0, -1]] = 250
     buf = io.BytesIO()
-    Image.fromarray(np.full((size, size), value, np.uint8)).save(buf, format="PNG")
+    Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
 
 

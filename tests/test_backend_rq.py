@@ -1,7 +1,7 @@
 """The training queue on a real redis-server with a real rq worker (subprocess).
 
-Fake Label Studio API + stand-in engine (sleeping a little so that events arrive while a job
-runs); the real Label Studio and engine are in tests/e2e.
+Fake Label Studio API + the real engine with enough epochs that a job lasts seconds, so that
+events arrive while it runs; the real Label Studio is in tests/e2e.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def fake_ls(rq_env, monkeypatch):
 @pytest.fixture
 def rq_worker(fake_ls, tmp_path):
     """`rq worker` subprocess on the test queue, with the test's environment."""
-    env = dict(os.environ, ALR_FAKE_ENGINE_SLEEP="1.5", PYTHONPATH=str(REPO))
+    env = dict(os.environ, ALR_EPOCHS="60", PYTHONPATH=str(REPO))   # a job lasts seconds: bursts overlap it
     log = open(tmp_path / "worker.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "--url", os.environ["REDIS_URL"],
                              "alr-test"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -51,7 +51,7 @@ def digits_ls(backend_env, monkeypatch, tmp_path):
             label = None if i == N_TASKS - 1 else str(int(labels[i]))    # the last task: scored only
             ls.add_task(1, 1000 + i, label=label, pixel=0, image=_png(data.images[i]))
         for var, value in {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": PAT,
-                           "ALR_ENGINE_MODULE": "model.engine", "ALR_EPOCHS": "3", "ALR_FINETUNE_EPOCHS": "1",
+                           "ALR_EPOCHS": "3", "ALR_FINETUNE_EPOCHS": "1",
                            "ALR_FORGET_RATE": "0.1", "ALR_BATCH_SIZE": "32", "ALR_DATALOADER_WORKERS": "0",
                            "ALR_JOB_TIMEOUT": "600"}.items():
             monkeypatch.setenv(var, value)

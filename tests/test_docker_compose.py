@@ -337,7 +337,7 @@ def test_backend_and_workers_agree_on_queue_and_redis(compose):
     for name in WORKERS:
         env = _service_env(services[name])
         for var in ("RQ_QUEUE_NAME", "REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_DB", "MODEL_DIR",
-                    "LABEL_STUDIO_URL", "ALR_ENGINE_MODULE"):
+                    "LABEL_STUDIO_URL"):
             assert env.get(var) == backend_env.get(var), \
                 f"{var} differs between {BACKEND} ({backend_env.get(var)!r}) and {name} ({env.get(var)!r})"
         assert env.get("ALR_USE_REDIS", "true").lower() in ("1", "true", "yes", "on")
