@@ -67,7 +67,7 @@ def measure(count: int, image_size: int, folder: Path, num_workers: int) -> dict
     config = EngineConfig(image_size=image_size, num_workers=num_workers, forget_rate=0.3, tk=2, vog_window=2)
     device = select_device(config.device)
     generator = seed_everything(0)
-    state = ct.new_training_state(images, 10, config, device, forget_rate=0.3)
+    state = ct.new_training_state(images, 10, config, device, forget_rate=0.3, class_forget_rates=[0.3] * 10)
     start = time.perf_counter()
     ct.train_one_epoch(state, images, labels, torch.zeros(count, dtype=torch.bool), config=config, device=device,
                        scaler=make_grad_scaler(device), generator=generator, forget_rate=0.3, vog_scores=None,
