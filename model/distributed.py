@@ -106,3 +106,14 @@ def broadcast_floats(values: list[float], ctx: DistContext, device: torch.device
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Wait for every rank, then leave the process group.
+
+    A rank that exits while gloo's threads still run aborts ("terminate called
+    without an active exception", exit -6) and torchrun reports the whole run failed.
+    """
+    if ctx.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

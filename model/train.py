@@ -75,6 +75,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
                         format=f"%(asctime)s rank{ctx.rank} %(levelname)s %(name)s: %(message)s")
     from model.engine import train_and_score
+    code = _train(args, base, ctx, device, train_and_score)
+    distributed.shutdown(ctx)  # on an exception the rank dies and torchrun reports the run failed
+    return code
+
+
+def _train(args, base: EngineConfig | None, ctx, device: str, train_and_score) -> int:
     try:
         case = _load_case(args.npz, base)
         overrides = {field: getattr(args, flag) for flag, field in _CONFIG_FLAGS.items()

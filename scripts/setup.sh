@@ -22,7 +22,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 # pip prints a warning per package for index folders that do not exist on some machines: keep the log readable.
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored: it is neither" || true
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[$EXTRAS]" 2> >(grep -v "is ignored: it is neither" >&2)
 .venv/bin/python -c "import torch, torchvision, label_studio_ml, rq, redis" \
   || { echo "setup: the project environment is incomplete (see pip's output above)" >&2; exit 1; }
 

@@ -14,6 +14,8 @@ if [ -x "$LS_VENV/bin/label-studio" ] && \
   exit 0
 fi
 "$PYTHON" -m venv "$LS_VENV"
-"$LS_VENV/bin/pip" install --quiet --upgrade pip
-"$LS_VENV/bin/pip" install --quiet "label-studio==$LS_VERSION"
+# pip's stderr without the warning it prints per package for index folders missing on some machines
+quiet_pip() { "$LS_VENV/bin/pip" "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+quiet_pip install --quiet --upgrade pip
+quiet_pip install --quiet "label-studio==$LS_VERSION"
 echo "label-studio $LS_VERSION installed in $LS_VENV"
