@@ -89,10 +89,10 @@ def _require(context, key, method):
 SAMPLERS: dict[str, Callable[[dict], np.ndarray]] = {
     "random": _random,
     "entropy": lambda c: scores._entropy(c["pred_probs"]),
-    "least_confidence": lambda c: 1.0 - c["pred_probs"].max(axis=1),
-    "margin": lambda c: 1.0 - np.diff(np.sort(c["pred_probs"], axis=1)[:, -2:], axis=1)[:, 0],
+    "least_confidence": lambda c: scores._least_confidence(c["pred_probs"]),
+    "margin": lambda c: scores._margin(c["pred_probs"]),
     "bald": lambda c: scores.bald(_require(c, "mc_pred_probs", "bald")),
-    "loss": lambda c: -np.log(np.clip(scores._given_label_probs(c["labels"], c["pred_probs"]), 1e-12, 1)),
+    "loss": lambda c: scores._label_loss(c["labels"], c["pred_probs"]),
     "priority": lambda c: _relabel_priority(c["labels"], c["pred_probs"], c["rarity_weight"]),
 }
 METHODS = (*SAMPLERS, "coreset")

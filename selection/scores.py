@@ -21,7 +21,7 @@ _EPS = 1e-12
 def label_loss(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:
     """Cross-entropy of each sample under its given label, -log p[y]: (N,)."""
     labels, pred_probs = check_labels_and_probs(labels, pred_probs)
-    return -np.log(np.clip(_given_label_probs(labels, pred_probs), _EPS, 1.0))
+    return _label_loss(labels, pred_probs)
 
 
 def entropy(pred_probs: np.ndarray) -> np.ndarray:
@@ -32,13 +32,12 @@ def entropy(pred_probs: np.ndarray) -> np.ndarray:
 
 def least_confidence(pred_probs: np.ndarray) -> np.ndarray:
     """1 - max_k p_k: (N,)."""
-    return 1.0 - check_pred_probs(pred_probs).max(axis=1)
+    return _least_confidence(check_pred_probs(pred_probs))
 
 
 def margin(pred_probs: np.ndarray) -> np.ndarray:
     """1 - (p_first - p_second): (N,), so that a small margin ranks high like the other scores."""
-    top2 = np.sort(check_pred_probs(pred_probs), axis=1)[:, -2:]
-    return 1.0 - (top2[:, 1] - top2[:, 0])
+    return _margin(check_pred_probs(pred_probs))
 
 
 def bald(mc_pred_probs: np.ndarray) -> np.ndarray:
@@ -131,6 +130,19 @@ _NOISE_RATE_ESTIMATORS = {"disagreement": _disagreement_rate, "confident_joint":
 
 def _given_label_probs(labels, pred_probs):
     return pred_probs[np.arange(len(labels)), labels]
+
+
+def _least_confidence(pred_probs):
+    return 1.0 - pred_probs.max(axis=1)
+
+
+def _margin(pred_probs):
+    top2 = np.sort(pred_probs, axis=1)[:, -2:]
+    return 1.0 - (top2[:, 1] - top2[:, 0])
+
+
+def _label_loss(labels, pred_probs):
+    return -np.log(np.clip(_given_label_probs(labels, pred_probs), _EPS, 1.0))
 
 
 def _entropy(pred_probs):
