@@ -34,9 +34,9 @@ class EngineConfig:
     weight_decay: float = 5e-4
     forget_rate: float | None = None    # None = estimated from the data (see estimate_forget_rate)
     max_forget_rate: float = 0.8        # cap on the estimate: Co-teaching must keep something to learn from
-    estimate_epochs: int = 8            # epochs of each cross-fitting fold when the forget rate is estimated
-    estimate_min_steps: int = 150       # ... and at least this many optimiser steps per fold
-    estimate_folds: int = 2             # folds of that cross-fitting
+    estimate_epochs: int = 4            # epochs of each cross-fitting fold when the forget rate is estimated
+    estimate_min_steps: int = 60        # ... and at least this many optimiser steps per fold
+    estimate_folds: int = 5             # folds of that cross-fitting
     tk: int = 10                        # epochs of the forget-rate ramp; VoG joins the selection after it
     vog_window: int = 5                 # W: snapshots per sample in the VoG ring buffer
     mix_ratio: float = 0.2              # share of the kept samples chosen by smallest VoG after Tk

@@ -338,8 +338,12 @@ def estimate_forget_rate(images: ImageSource, labels: torch.Tensor, trusted: tor
     are too few to learn from (measured in benchmarks/RESULTS.md).
 
     Each fold trains for ``estimate_epochs`` epochs but at least
-    ``estimate_min_steps`` optimiser steps: on a few hundred images, 8 epochs
-    are 16 steps, and an untrained fold model calls every label wrong.
+    ``estimate_min_steps`` optimiser steps: on a few hundred images, a few
+    epochs are a dozen steps, and an untrained fold model calls every label
+    wrong; much longer, and it memorises the noise and calls too few wrong.
+    Measured on digits (LT 20, 40% symmetric noise, 3 seeds), the estimate ran
+    +0.20 high with 2 folds and >= 150 steps, +0.06 with 5 folds and >= 60.
+    Cost: about ``estimate_epochs * (K - 1)`` epochs of one network.
     """
     untrusted_idx = torch.nonzero(~trusted, as_tuple=True)[0]
     if untrusted_idx.numel() < 4 * num_classes:
