@@ -311,6 +311,26 @@ def build_demo_project(stack: Stack, ls: LS, data: DigitsProject, title: str = "
     return project_id, ml_id, mapping
 
 
+def demo_pat(ls: "LS", pat_file: Path) -> str:
+    """The demo user's personal access token, created once and kept in the workdir.
+
+    Label Studio allows one PAT per user and answers 409 to a second request, so a
+    re-run of the demo reuses the token it saved (owner-only file)."""
+    if pat_file.exists():
+        return pat_file.read_text().strip()
+    try:
+        pat = ls.create_pat()
+    except RuntimeError as exc:
+        if "HTTP 409" in str(exc):
+            raise RuntimeError(f"the demo user already has a personal access token but {pat_file} is gone: "
+                               "revoke it in Label Studio (Account & Settings) or start over with a new "
+                               "--workdir") from None
+        raise
+    pat_file.write_text(pat)
+    pat_file.chmod(0o600)
+    return pat
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(REPO / "runs" / "demo"))
@@ -336,7 +356,7 @@ def main(argv=None) -> int:
         stack.start_redis()
         stack.start_label_studio()
         ls = LS(stack.ls_url, stack.token)
-        pat = ls.create_pat()          # the backend authenticates like a real user's PAT would
+        pat = demo_pat(ls, workdir / "ls-pat")   # the backend authenticates like a real user's PAT would
         stack.start_backend(pat, {"ALR_IMAGE_SIZE": "16", "ALR_CHANNELS": "1", "ALR_EPOCHS": "20",
                                   "ALR_FINETUNE_EPOCHS": "5"})
         data = make_digits_project(n_images=args.n_images, imbalance_ratio=args.imbalance_ratio,
