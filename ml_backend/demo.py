@@ -119,6 +119,7 @@ class Stack:
     password: str = "demo-password-1"
     token: str = field(default_factory=lambda: secrets.token_hex(20))
     backend_env: dict = field(default_factory=dict)
+    task_lock_ttl: int | None = None      # Label Studio's TASK_LOCK_TTL (seconds); None = its default
     procs: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -169,7 +170,8 @@ class Stack:
                     LABEL_STUDIO_USERNAME=self.username, LABEL_STUDIO_PASSWORD=self.password,
                     LABEL_STUDIO_USER_TOKEN=self.token, ML_BLOCK_LOCAL_IP="false",
                     SSRF_PROTECTION_ENABLED="false", COLLECT_ANALYTICS="false",
-                    LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true")
+                    LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true",
+                    **({"TASK_LOCK_TTL": str(self.task_lock_ttl)} if self.task_lock_ttl else {}))
 
     def start_label_studio(self, timeout: float = 240) -> None:
         exe = self.ls_venv / "bin" / "label-studio"

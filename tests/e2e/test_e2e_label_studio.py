@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import requests
 
-from ml_backend.demo import LS, REPO, Stack, build_demo_project, make_digits_project
+from ml_backend.demo import LS, Stack, build_demo_project, make_digits_project
+from tests.e2e.conftest import backend_stack, ls_api, print_logs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -27,19 +28,14 @@ BACKEND_ENV = {   # small and fast: digits are 8x8 originally; 30 epochs of a sm
 
 
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory):
-    if not (REPO / ".ls-venv" / "bin" / "label-studio").exists():
-        pytest.skip("Label Studio is not installed: bash scripts/setup_label_studio.sh")
+def e2e(label_studio, admin_pat, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("e2e")
-    stack = Stack(workdir)
+    stack = backend_stack(label_studio, workdir)
     timings = {}
     try:
-        t0 = time.monotonic()
         stack.start_redis()
-        stack.start_label_studio()
-        timings["label_studio_start"] = time.monotonic() - t0
-        ls = LS(stack.ls_url, stack.token)
-        stack.start_backend(ls.create_pat(), BACKEND_ENV)          # a personal access token
+        ls = ls_api(label_studio)
+        stack.start_backend(admin_pat, BACKEND_ENV)          # a personal access token
         data = make_digits_project(n_images=N_IMAGES, noise_rate=NOISE_RATE, seed=0)
         project_id, ml_id, mapping = build_demo_project(stack, ls, data)
         truth = {tid: (data.given[i], data.truth[i]) for tid, i in mapping.items()}
@@ -53,10 +49,7 @@ def e2e(tmp_path_factory):
                "version": version, "timings": timings, "workdir": workdir}
     finally:
         stack.stop()
-        for name in ("backend", "worker"):
-            log = Path(workdir) / f"{name}.log"
-            if log.exists():
-                print(f"--- {name}.log (tail) ---\n" + log.read_text()[-4000:])
+        print_logs(stack)
 
 
 def wait_idle(stack: Stack, project_id: int, timeout: float = 400) -> None:
