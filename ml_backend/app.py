@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 from .labelconfig import LabelConfigError, parse_label_config
 from .ls_client import LabelStudioClient
 from .model import NoiseRobustImageClassifier, parse_project_id
+from .review import ensure_review_order
 from .training_queue import QueueUnavailable, RQTrainingQueue, ThreadTrainingQueue, make_redis
 from .settings import Settings
 from .store import ProjectStore, ResultsCache
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
     results_cache = ResultsCache(settings.model_dir)
     models: dict[tuple[int | None, str], NoiseRobustImageClassifier] = {}
     models_lock = threading.Lock()
+    reviewed_projects: set[int] = set()      # projects this process has set up for review
     app.extensions["alr"] = {"settings": settings, "queue": queue, "results": results_cache}
     logger.info("ML backend ready: model_dir=%s, training queue=%s, Label Studio=%s",
                 settings.model_dir, queue.kind, settings.label_studio_url)
@@ -103,6 +105,14 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
         schema = data.get("schema") or data.get("label_config")
         model = get_model(data.get("project"), schema, hostname=data.get("hostname") or "",
                           access_token=data.get("access_token") or "")
+        project_id = model.project_id
+        if project_id is not None and settings.label_studio_api_key:
+            with models_lock:
+                first_time = project_id not in reviewed_projects
+                reviewed_projects.add(project_id)
+            if first_time:      # once per project and process, off the request path
+                threading.Thread(target=_set_up_for_review, args=(project_id, settings), daemon=True,
+                                 name=f"alr-review-{project_id}").start()
         return jsonify({"model_version": model.model_version})
 
     @app.route("/predict", methods=["POST"])
@@ -210,6 +220,18 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
 
 class _BadRequest(ValueError):
     pass
+
+
+def _set_up_for_review(project_id: int, settings: Settings) -> None:
+    """On connection: the project's sampling and served version follow the backend's scores."""
+    try:
+        client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key,
+                                   timeout=settings.request_timeout)
+        ensure_review_order(client, project_id, settings,
+                            served_version=ProjectStore(settings.model_dir, project_id).current_version())
+    except Exception as exc:      # noqa: BLE001 - the next published version tries again
+        logger.warning("project %d: could not set the project up for review (%s); the next model "
+                       "version will try again", project_id, exc)
 
 
 def _skip_reason(action: str, data: dict, project_id: int, settings: Settings) -> str | None:

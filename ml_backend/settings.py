@@ -48,6 +48,8 @@ class Settings:
     relabel_budget: int = 0               # trusted relabels after which retraining stops; 0 = unlimited
     min_labelled_tasks: int = 10          # fewer usable labelled images: the job does not train
     predictions_batch_size: int = 500     # predictions per bulk import request
+    set_sampling: bool = True             # make the project's sampling "Uncertainty sampling" (review order)
+    review_overlap: bool = False          # label_source=annotation: allow 2 annotations per task (review stream)
     keep_prediction_versions: int = 1     # this backend's versions whose predictions stay in LS; 0 = all
                                           # (not read from the environment yet)
     request_timeout: float = 30.0         # seconds, each Label Studio API / image request
@@ -139,6 +141,8 @@ _ENV = {
     "label_source": ("ALR_LABEL_SOURCE", str),
     "label_field": ("ALR_LABEL_FIELD", str),
     "relabel_budget": ("ALR_RELABEL_BUDGET", int),
+    "set_sampling": ("ALR_SET_SAMPLING", _bool),
+    "review_overlap": ("ALR_REVIEW_OVERLAP", _bool),
     "min_labelled_tasks": ("ALR_MIN_LABELLED_TASKS", int),
     "predictions_batch_size": ("ALR_PREDICTIONS_BATCH_SIZE", int),
     "request_timeout": ("ALR_REQUEST_TIMEOUT", float),

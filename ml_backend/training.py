@@ -37,6 +37,7 @@ from .images import ImageCache, cache_task_images, load_task_images
 from .labelconfig import LabelConfigInfo, parse_label_config
 from .labels import extract_labels
 from .ls_client import LabelStudioClient
+from .review import ensure_review_order
 from .settings import Settings
 from .store import ProjectStore, atomic_write_json
 
@@ -347,7 +348,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
                                                                "stream_above_tasks", "dataloader_workers")},
                 "train_seconds": round(time.monotonic() - t0, 2)}
         atomic_write_json(tmp / "meta.json", meta)
-        store.commit(version, tmp)
+        store.commit(version, tmp, make_current=False)     # served only once Label Studio has it all
     except BaseException:
         store.abort(tmp)
         raise
@@ -355,11 +356,10 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
                 phase, len(train_pos), n_trusted)
 
     progress("push predictions", 0.0)
-    predictions = [dict(prediction_for(rec, info, version), task=tid) for tid, rec in records.items()]
     t_push = time.monotonic()
-    created = client.import_predictions(p, predictions, batch_size=settings.predictions_batch_size)
+    created = publish_version(client, p, version, records, info, settings)
+    store.set_current(version)
     push_seconds = time.monotonic() - t_push
-    client.patch_project(p, model_version=version)
     pruned = prune_prediction_versions(client, p, keep=settings.keep_prediction_versions, current=version)
     progress("done", 1.0)
     logger.info("project %d: pushed %d predictions in %.1fs; project model_version is now %s",
@@ -369,6 +369,32 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
             "skipped_images": len(errors), "push_seconds": round(push_seconds, 2),
             "pruned_versions": pruned,
             "seconds": round(time.monotonic() - t0, 2)}
+
+
+def publish_version(client: LabelStudioClient, project_id: int, version: str, records: dict[int, dict],
+                    info: LabelConfigInfo, settings: Settings) -> int:
+    """Push every task's prediction of ``version``, then make it the project's model_version.
+
+    All or nothing: the project's model_version (what the label stream orders by) changes only
+    once Label Studio holds a prediction of the version for every record; if the push fails
+    (after the client's retries) or comes up short, the version's predictions are deleted again,
+    the project keeps serving the previous version and the error fails the job.
+    Returns the number of predictions created."""
+    predictions = [dict(prediction_for(rec, info, version), task=tid) for tid, rec in records.items()]
+    try:
+        created = client.import_predictions(project_id, predictions, batch_size=settings.predictions_batch_size)
+        ensure_review_order(client, project_id, settings, served_version=version,
+                            expected_predictions=len(predictions))
+    except BaseException:
+        logger.error("project %d: publishing %s failed; the project keeps its previous model version",
+                     project_id, version)
+        try:
+            client.delete_prediction_version(project_id, version)
+        except Exception as exc:      # noqa: BLE001 - the original error is the one to report
+            logger.warning("project %d: could not delete the half-pushed predictions of %s: %s",
+                           project_id, version, exc)
+        raise
+    return created
 
 
 def prune_prediction_versions(client: LabelStudioClient, project_id: int, *, keep: int, current: str) -> list[str]:
