@@ -6,7 +6,10 @@
 It starts (on 127.0.0.1 only) redis-server, Label Studio 1.23.2 from ``.ls-venv``, the backend
 (``python ml_backend/_wsgi.py``) and ``rq worker``; creates a project of upscaled sklearn
 digits made long-tailed (imbalanced) with seeded wrong labels in ``data.label``; connects the
-backend, sets "Uncertainty sampling", triggers training and prints the URL and the login.
+backend (which sets the project's sampling to "Uncertainty sampling"), triggers training and, once
+the first model version is in, prints the URL and the login.  Label Studio runs with a task lock
+of DEMO_TASK_LOCK_TTL seconds (its default is a day: a task served before the first version would
+stay locked to its reviewer that long).  Ctrl-C, SIGTERM and SIGHUP stop everything it started.
 The end-to-end tests (tests/e2e) drive the same functions.
 """
 from __future__ import annotations
@@ -32,6 +35,8 @@ import requests
 logger = logging.getLogger("ml_backend.demo")
 
 REPO = Path(__file__).resolve().parents[1]
+#: Label Studio's TASK_LOCK_TTL for review: a served task stays reserved for its reviewer this long
+DEMO_TASK_LOCK_TTL = 300
 DIGITS_LABEL_CONFIG = """<View>
   <Image name="image" value="$image" zoom="true"/>
   <Choices name="label" toName="image" choice="single" showInLine="true">
@@ -283,9 +288,6 @@ class LS:
         return self.call("POST", "/api/ml", json={"project": project_id, "url": backend_url, "title": title,
                                                   "is_interactive": False})["id"]
 
-    def set_uncertainty_sampling(self, project_id: int) -> None:
-        self.call("PATCH", f"/api/projects/{project_id}", json={"sampling": "Uncertainty sampling"})
-
     def train(self, ml_id: int) -> None:
         self.call("POST", f"/api/ml/{ml_id}/train", json={})
 
@@ -308,8 +310,7 @@ class LS:
 def build_demo_project(stack: Stack, ls: LS, data: DigitsProject, title: str = "Digits with noisy labels"):
     project_id = ls.create_project(title)
     mapping = ls.upload_images(project_id, data)
-    ml_id = ls.connect_backend(project_id, stack.backend_url)
-    ls.set_uncertainty_sampling(project_id)
+    ml_id = ls.connect_backend(project_id, stack.backend_url)   # the backend sets the sampling itself
     return project_id, ml_id, mapping
 
 
@@ -353,7 +354,8 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     token_file.write_text(token)
     stack = Stack(workdir, ls_port=args.ls_port, backend_port=args.backend_port, redis_port=args.redis_port,
-                  token=token)
+                  token=token, task_lock_ttl=DEMO_TASK_LOCK_TTL)
+    stop_on_signals()
     try:
         stack.start_redis()
         stack.start_label_studio()
@@ -367,16 +369,17 @@ def main(argv=None) -> int:
         truth = {tid: {"given": data.given[i], "true": data.truth[i]} for tid, i in mapping.items()}
         (workdir / f"project-{project_id}-truth.json").write_text(json.dumps(truth))
         ls.train(ml_id)
-        print(f"\nLabel Studio: {stack.ls_url}/projects/{project_id}/data\n"
-              f"login: {stack.username} / {stack.password}\n"
-              f"backend: {stack.backend_url}/health  (logs in {workdir})\n"
-              f"{len(data.files)} images, {int(data.wrong.sum())} with a wrong label in data.label; "
-              f"the true labels are in {workdir}/project-{project_id}-truth.json\n"
-              "Training has started; the project's predictions appear when the first version is in.\n",
-              flush=True)
+        print(f"\nTraining the first model version on {len(data.files)} images "
+              f"({int(data.wrong.sum())} with a wrong label in data.label); the login is printed when it "
+              f"is in (about a minute). Logs: {workdir}\n", flush=True)
         version = ls.wait_model_version(project_id, timeout=900)
-        print(f"model version {version} is in: open the label stream (Label All Tasks) to review the "
-              "most suspicious labels first. Ctrl-C stops everything.", flush=True)
+        print(f"\nModel version {version} is in.\n"
+              f"Label Studio: {stack.ls_url}/projects/{project_id}/data\n"
+              f"login: {stack.username} / {stack.password}\n"
+              f"backend: {stack.backend_url}/health\n"
+              f"the true labels are in {workdir}/project-{project_id}-truth.json\n"
+              "Press \"Label All Tasks\": the most suspicious labels come first, the model's suggested "
+              "label pre-selected. Ctrl-C stops everything.\n", flush=True)
         if not args.exit_after_training:
             while all(p.poll() is None for p in stack.procs.values()):
                 time.sleep(1)
@@ -386,6 +389,17 @@ def main(argv=None) -> int:
     finally:
         stack.stop()
     return 0
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP stop the demo like Ctrl-C: the ``finally`` of main stops every process."""
+    def interrupt(signum, frame):
+        for other in (signal.SIGTERM, signal.SIGHUP):       # a second signal must not cut the clean-up short
+            signal.signal(other, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
 
 
 if __name__ == "__main__":
