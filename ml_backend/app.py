@@ -6,13 +6,15 @@ globals.  Everything here lives on the app object created by :func:`create_app`.
 """
 from __future__ import annotations
 
+import base64
+import hmac
 import logging
 import os
 import threading
 import time
 
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import Forbidden, HTTPException
 
 from .labelconfig import LabelConfigError, parse_label_config
 from .ls_client import LabelStudioClient
@@ -58,7 +60,12 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
     logger.info("ML backend ready: model_dir=%s, training queue=%s, Label Studio=%s",
                 settings.model_dir, queue.kind, settings.label_studio_url)
 
+    def check_project(project_id: int | None) -> None:
+        if project_id is not None and not settings.project_allowed(project_id):
+            raise Forbidden(f"project {project_id} is not served by this backend (ALR_PROJECTS)")
+
     def get_model(project, label_config, **kwargs) -> NoiseRobustImageClassifier:
+        check_project(parse_project_id(project))
         key = (parse_project_id(project), label_config or "")
         with models_lock:
             model = models.get(key)
@@ -68,6 +75,21 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
             with models_lock:
                 models[key] = model
         return model
+
+    @app.before_request
+    def authenticate():
+        """Basic auth (BASIC_AUTH_USER / BASIC_AUTH_PASS) on every route but the health check.
+        Label Studio sends it on /setup, /predict, /train; its webhook carries it in the headers
+        the backend adds to that webhook when it sets the project up (see _set_up_project)."""
+        if not settings.auth_enabled or request.path in OPEN_ROUTES:
+            return None
+        if credentials_ok(request.authorization, settings):
+            return None
+        logger.warning("%s %s refused: missing or wrong credentials (from %s)", request.method, request.path,
+                       request.remote_addr)
+        response, status = _error(401, "authentication required")
+        response.headers["WWW-Authenticate"] = 'Basic realm="ml_backend"'
+        return response, status
 
     @app.before_request
     def cap_size():
@@ -111,8 +133,8 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
                 first_time = project_id not in reviewed_projects
                 reviewed_projects.add(project_id)
             if first_time:      # once per project and process, off the request path
-                threading.Thread(target=_set_up_for_review, args=(project_id, settings), daemon=True,
-                                 name=f"alr-review-{project_id}").start()
+                threading.Thread(target=_set_up_project, args=(project_id, settings, request.url_root + "webhook"),
+                                 daemon=True, name=f"alr-setup-{project_id}").start()
         return jsonify({"model_version": model.model_version})
 
     @app.route("/predict", methods=["POST"])
@@ -146,6 +168,7 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
             project_id = parse_project_id(data["annotation"].get("project"))
         if project_id is None:
             raise _BadRequest(f"{action}: payload has no project id")
+        check_project(project_id)
         skip = _skip_reason(action, data, project_id, settings)
         if skip:
             return jsonify({"status": "ignored", "action": action, "reason": skip}), 200
@@ -164,6 +187,7 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
         project_id = parse_project_id(data.get("project"))
         if project_id is None:
             raise _BadRequest("'project' is missing")
+        check_project(project_id)
         try:
             job = queue.request_training(project_id, "TRAIN")
         except QueueUnavailable as exc:
@@ -186,6 +210,10 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
                     if pid is not None:
                         served[str(pid)] = ProjectStore(settings.model_dir, pid).current_version()
         ok = queue_status.get("redis") is not False and queue_status.get("workers", 0) > 0
+        if settings.auth_enabled and not credentials_ok(request.authorization, settings):
+            # open to anyone: only whether the backend is up and can train, nothing about projects
+            return jsonify({"status": "UP", "model_class": NoiseRobustImageClassifier.__name__,
+                            "training_ready": bool(ok)})
         # Label Studio only needs 200 + status UP to connect; the details say what is missing
         return jsonify({"status": "UP", "model_class": NoiseRobustImageClassifier.__name__,
                         "training_ready": bool(ok), "queue": queue_status, "label_studio": ls,
@@ -222,16 +250,58 @@ class _BadRequest(ValueError):
     pass
 
 
-def _set_up_for_review(project_id: int, settings: Settings) -> None:
-    """On connection: the project's sampling and served version follow the backend's scores."""
+OPEN_ROUTES = frozenset({"/health", "/"})
+
+
+def credentials_ok(authorization, settings: Settings) -> bool:
+    """Whether a request's basic-auth credentials are the backend's (constant-time comparison)."""
+    if authorization is None or authorization.type != "basic":
+        return False
+    user_ok = hmac.compare_digest((authorization.username or "").encode(), settings.basic_auth_user.encode())
+    pass_ok = hmac.compare_digest((authorization.password or "").encode(), settings.basic_auth_pass.encode())
+    return user_ok and pass_ok
+
+
+def _set_up_project(project_id: int, settings: Settings, webhook_url: str) -> None:
+    """On connection: the project's sampling and served version follow the backend's scores, and
+    the webhook Label Studio made for the backend carries the backend's credentials."""
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key,
+                               timeout=settings.request_timeout)
     try:
-        client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key,
-                                   timeout=settings.request_timeout)
         ensure_review_order(client, project_id, settings,
                             served_version=ProjectStore(settings.model_dir, project_id).current_version())
     except Exception as exc:      # noqa: BLE001 - the next published version tries again
         logger.warning("project %d: could not set the project up for review (%s); the next model "
                        "version will try again", project_id, exc)
+    if settings.auth_enabled:
+        token = base64.b64encode(f"{settings.basic_auth_user}:{settings.basic_auth_pass}".encode()).decode()
+        try:
+            authenticate_webhook(client, project_id, webhook_url, {"Authorization": f"Basic {token}"})
+        except Exception as exc:      # noqa: BLE001 - logged with what to do
+            logger.error("project %d: could not add the backend's credentials to its webhook %s (%s): Label "
+                         "Studio's annotation events will be refused with 401 until the backend is reconnected",
+                         project_id, webhook_url, exc)
+
+
+def authenticate_webhook(client: LabelStudioClient, project_id: int, webhook_url: str, headers: dict, *,
+                         wait_seconds: float = 30.0) -> bool:
+    """Add ``headers`` to the project's webhook for ``webhook_url`` (Label Studio creates it just
+    after the /setup that starts this, so wait for it).  True when the webhook carries them."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        hooks = client.request("GET", "/api/webhooks/", params={"project": int(project_id)}) or []
+        hook = next((h for h in hooks if str(h.get("url", "")).rstrip("/") == webhook_url.rstrip("/")), None)
+        if hook is not None:
+            if any((hook.get("headers") or {}).get(k) != v for k, v in headers.items()):
+                client.request("PATCH", f"/api/webhooks/{int(hook['id'])}/",
+                               json={"headers": {**(hook.get("headers") or {}), **headers}})
+                logger.info("project %d: webhook %s now authenticates to the backend", project_id, webhook_url)
+            return True
+        if time.monotonic() > deadline:
+            logger.warning("project %d: no webhook to %s in Label Studio after %.0fs: annotations will not "
+                           "trigger training (connect the model again)", project_id, webhook_url, wait_seconds)
+            return False
+        time.sleep(1.0)
 
 
 def _skip_reason(action: str, data: dict, project_id: int, settings: Settings) -> str | None:

@@ -123,6 +123,8 @@ class Stack:
     username: str = "demo@example.com"
     password: str = "demo-password-1"
     token: str = field(default_factory=lambda: secrets.token_hex(20))
+    backend_user: str = "label-studio"    # the backend's basic-auth credentials (generated per stack)
+    backend_password: str = field(default_factory=lambda: secrets.token_urlsafe(18), repr=False)
     backend_env: dict = field(default_factory=dict)
     task_lock_ttl: int | None = None      # Label Studio's TASK_LOCK_TTL (seconds); None = its default
     procs: dict = field(default_factory=dict)
@@ -141,6 +143,10 @@ class Stack:
     @property
     def backend_url(self) -> str:
         return f"http://127.0.0.1:{self.backend_port}"
+
+    @property
+    def backend_auth(self) -> tuple[str, str]:
+        return self.backend_user, self.backend_password
 
     @property
     def redis_url(self) -> str:
@@ -200,7 +206,8 @@ class Stack:
     def start_backend(self, api_key: str, extra_env: dict | None = None, timeout: float = 60) -> None:
         env = dict(os.environ, LABEL_STUDIO_URL=self.ls_url, LABEL_STUDIO_API_KEY=api_key,
                    REDIS_URL=self.redis_url, RQ_QUEUE_NAME="alr-training", ALR_USE_REDIS="true",
-                   MODEL_DIR=str(self.workdir / "models"), PYTHONPATH=str(REPO), **(extra_env or {}))
+                   MODEL_DIR=str(self.workdir / "models"), PYTHONPATH=str(REPO),
+                   BASIC_AUTH_USER=self.backend_user, BASIC_AUTH_PASS=self.backend_password, **(extra_env or {}))
         self.backend_env = env
         proc = self._spawn("backend", [self.python, str(REPO / "ml_backend" / "_wsgi.py"), "--host",
                                        "127.0.0.1", "--port", str(self.backend_port)], env=env)
@@ -209,7 +216,7 @@ class Stack:
                                "alr-training"], env=env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if requests.get(f"{self.backend_url}/health", timeout=5).json()["queue"].get("workers"):
+            if requests.get(f"{self.backend_url}/health", auth=self.backend_auth, timeout=5).json()["queue"].get("workers"):
                 return
             time.sleep(0.3)
         raise TimeoutError("the rq worker did not register")
@@ -284,9 +291,13 @@ class LS:
                 return out
             page += 1
 
-    def connect_backend(self, project_id: int, backend_url: str, title: str = "active-label-refinement") -> int:
-        return self.call("POST", "/api/ml", json={"project": project_id, "url": backend_url, "title": title,
-                                                  "is_interactive": False})["id"]
+    def connect_backend(self, project_id: int, backend_url: str, auth: tuple[str, str] | None = None,
+                        title: str = "active-label-refinement") -> int:
+        """Settings -> Model -> Connect model, with the backend's basic-auth credentials when given."""
+        body = {"project": project_id, "url": backend_url, "title": title, "is_interactive": False}
+        if auth:
+            body.update(auth_method="BASIC_AUTH", basic_auth_user=auth[0], basic_auth_pass=auth[1])
+        return self.call("POST", "/api/ml", json=body)["id"]
 
     def train(self, ml_id: int) -> None:
         self.call("POST", f"/api/ml/{ml_id}/train", json={})
@@ -310,7 +321,7 @@ class LS:
 def build_demo_project(stack: Stack, ls: LS, data: DigitsProject, title: str = "Digits with noisy labels"):
     project_id = ls.create_project(title)
     mapping = ls.upload_images(project_id, data)
-    ml_id = ls.connect_backend(project_id, stack.backend_url)   # the backend sets the sampling itself
+    ml_id = ls.connect_backend(project_id, stack.backend_url, stack.backend_auth)   # the backend sets the sampling
     return project_id, ml_id, mapping
 
 
@@ -376,7 +387,7 @@ def main(argv=None) -> int:
         print(f"\nModel version {version} is in.\n"
               f"Label Studio: {stack.ls_url}/projects/{project_id}/data\n"
               f"login: {stack.username} / {stack.password}\n"
-              f"backend: {stack.backend_url}/health\n"
+              f"backend: {stack.backend_url} (basic auth {stack.backend_user} / {stack.backend_password})\n"
               f"the true labels are in {workdir}/project-{project_id}-truth.json\n"
               "Press \"Label All Tasks\": the most suspicious labels come first, the model's suggested "
               "label pre-selected. Ctrl-C stops everything.\n", flush=True)

@@ -95,7 +95,7 @@ class NoiseRobustImageClassifier(LabelStudioMLBase):
             if rec is None:
                 out.append({"result": [], "model_version": version})
             else:
-                out.append(prediction_for(rec, self.info, version))
+                out.append(prediction_for(rec, self.info, version, preselect=self.settings.preselect))
         return out
 
     def _score_unseen(self, tasks: list[dict], results) -> list[dict | None]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 LABEL_SOURCES = ("data", "annotation")
+PRESELECT_CHOICES = ("suggested", "given", "none")
 
 
 def _bool(value: str) -> bool:
@@ -29,6 +30,9 @@ class Settings:
 
     label_studio_url: str = "http://127.0.0.1:8080"
     label_studio_api_key: str = field(default="", repr=False)  # never printed
+    basic_auth_user: str = ""             # with basic_auth_pass: every route but /health needs them
+    basic_auth_pass: str = field(default="", repr=False)
+    allowed_projects: frozenset[int] | None = None   # ALR_PROJECTS: the only project ids served; None = all
     redis_url: str | None = None          # REDIS_URL wins over host/port/db when set
     redis_host: str = "localhost"
     redis_port: int = 6379
@@ -48,6 +52,7 @@ class Settings:
     relabel_budget: int = 0               # trusted relabels after which retraining stops; 0 = unlimited
     min_labelled_tasks: int = 10          # fewer usable labelled images: the job does not train
     predictions_batch_size: int = 500     # predictions per bulk import request
+    preselect: str = "suggested"          # label pre-selected in the labelling view: suggested | given | none
     set_sampling: bool = True             # make the project's sampling "Uncertainty sampling" (review order)
     review_overlap: bool = False          # label_source=annotation: allow 2 annotations per task (review stream)
     keep_prediction_versions: int = 1     # this backend's versions whose predictions stay in LS; 0 = all
@@ -93,6 +98,10 @@ class Settings:
         if self.label_source not in LABEL_SOURCES:
             raise ValueError(
                 f"ALR_LABEL_SOURCE must be one of {LABEL_SOURCES}, got {self.label_source!r}")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (or neither)")
+        if self.preselect not in PRESELECT_CHOICES:
+            raise ValueError(f"ALR_PRESELECT must be one of {PRESELECT_CHOICES}, got {self.preselect!r}")
         for name in ("redis_port", "job_timeout", "predictions_batch_size", "image_size",
                      "batch_size", "max_request_bytes", "gpus_per_job"):
             if getattr(self, name) <= 0:
@@ -107,6 +116,13 @@ class Settings:
                 raise ValueError(f"{var} must be >= 0, got {getattr(self, name)!r}")
         if self.relabel_budget < 0:
             raise ValueError(f"ALR_RELABEL_BUDGET must be >= 0, got {self.relabel_budget!r}")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user or self.basic_auth_pass)
+
+    def project_allowed(self, project_id: int) -> bool:
+        return self.allowed_projects is None or int(project_id) in self.allowed_projects
 
     @property
     def training_processes(self) -> int:
@@ -124,6 +140,9 @@ class Settings:
 _ENV = {
     "label_studio_url": ("LABEL_STUDIO_URL", lambda v: v.rstrip("/")),
     "label_studio_api_key": ("LABEL_STUDIO_API_KEY", str.strip),
+    "basic_auth_user": ("BASIC_AUTH_USER", str.strip),
+    "basic_auth_pass": ("BASIC_AUTH_PASS", str),
+    "allowed_projects": ("ALR_PROJECTS", lambda v: frozenset(int(x) for x in v.replace(",", " ").split())),
     "redis_url": ("REDIS_URL", str),
     "redis_host": ("REDIS_HOST", str),
     "redis_port": ("REDIS_PORT", int),
@@ -141,6 +160,7 @@ _ENV = {
     "label_source": ("ALR_LABEL_SOURCE", str),
     "label_field": ("ALR_LABEL_FIELD", str),
     "relabel_budget": ("ALR_RELABEL_BUDGET", int),
+    "preselect": ("ALR_PRESELECT", str),
     "set_sampling": ("ALR_SET_SAMPLING", _bool),
     "review_overlap": ("ALR_REVIEW_OVERLAP", _bool),
     "min_labelled_tasks": ("ALR_MIN_LABELLED_TASKS", int),

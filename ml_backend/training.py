@@ -179,21 +179,32 @@ def build_records(result, *, class_names: list[str], given: dict[int, int | None
     return out
 
 
-def prediction_for(record: dict, info: LabelConfigInfo, version: str) -> dict:
+#: which label a prediction pre-selects in the labelling view (ALR_PRESELECT)
+PRESELECT = {"suggested": lambda record: record["suggested"], "given": lambda record: record["given"],
+             "none": lambda record: None}
+
+
+def prediction_for(record: dict, info: LabelConfigInfo, version: str, *, preselect: str = "suggested") -> dict:
     """One Label Studio prediction (result, score, model_version) from a task record.
 
-    The per-task figures ride along in the Choices region's ``meta`` (Label Studio stores
-    a prediction's result JSON as given; ``meta.text`` is shown with the region).
+    Label Studio shows a prediction as a pre-annotation: the label chosen by ``preselect``
+    ("suggested": the model's, "given": the task's current label, "none": nothing) arrives
+    pre-selected, so a Submit without a click accepts it.  The per-task figures ride along
+    in the Choices region's ``meta`` (``meta.text`` is shown with the region); with "none"
+    there is no region and only the score orders the tasks.
     """
     def fmt(v, spec):
         return "n/a" if v is None else format(v, spec)
 
+    choice = PRESELECT[preselect](record)
+    if choice is None:
+        return {"result": [], "score": record["score"], "model_version": version}
     text = (f"given: {record['given']}{' (trusted)' if record['trusted'] else ''}; "
             f"suggested: {record['suggested']}; P(label wrong): {fmt(record['prob_label_wrong'], '.3f')}; "
             f"loss: {fmt(record['loss'], '.3f')}; VoG: {fmt(record['vog'], '.3g')}")
     region = {
         "from_name": info.from_name, "to_name": info.to_name, "type": "choices",
-        "value": {"choices": [record["suggested"]]},
+        "value": {"choices": [choice]},
         "meta": {"text": [text], "given_label": record["given"], "suggested_label": record["suggested"],
                  "prob_label_wrong": record["prob_label_wrong"], "loss": record["loss"],
                  "vog": record["vog"], "trusted": record["trusted"]},
@@ -380,7 +391,7 @@ def publish_version(client: LabelStudioClient, project_id: int, version: str, re
     (after the client's retries) or comes up short, the version's predictions are deleted again,
     the project keeps serving the previous version and the error fails the job.
     Returns the number of predictions created."""
-    predictions = [dict(prediction_for(rec, info, version), task=tid) for tid, rec in records.items()]
+    predictions = [dict(prediction_for(rec, info, version, preselect=settings.preselect), task=tid) for tid, rec in records.items()]
     try:
         created = client.import_predictions(project_id, predictions, batch_size=settings.predictions_batch_size)
         ensure_review_order(client, project_id, settings, served_version=version,

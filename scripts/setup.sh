@@ -26,9 +26,17 @@ fi
 .venv/bin/python -c "import torch, torchvision, label_studio_ml, rq, redis" \
   || { echo "setup: the project environment is incomplete (see pip's output above)" >&2; exit 1; }
 
-if ! command -v redis-server >/dev/null 2>&1; then
+# Debian packages: redis-server for the training queue; with --label-studio also chromium and its
+# driver, for the browser tests of the review loop (Selenium is pointed at /usr/bin/chromedriver)
+APT_PACKAGES=()
+command -v redis-server >/dev/null 2>&1 || APT_PACKAGES+=(redis-server)
+if [ "$WITH_LS" = 1 ]; then
+  command -v chromium >/dev/null 2>&1 || APT_PACKAGES+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || APT_PACKAGES+=(chromium-driver)
+fi
+if [ "${#APT_PACKAGES[@]}" -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${APT_PACKAGES[@]}" >/dev/null
 fi
 
 if [ "$WITH_LS" = 1 ]; then

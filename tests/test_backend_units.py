@@ -202,3 +202,37 @@ def test_settings_for_scale_out_and_large_projects():
         Settings.from_env({"ALR_IMAGE_CACHE_MAX_MB": "-1"})
     with pytest.raises(ValueError, match="gpus_per_job"):
         Settings.from_env({"ALR_GPUS_PER_JOB": "0"})
+
+
+@pytest.mark.parametrize("preselect, choices", [("suggested", ["3"]), ("given", ["5"]), ("none", None)])
+def test_prediction_preselects_the_chosen_label(preselect, choices):
+    from ml_backend.training import prediction_for
+
+    info = parse_label_config(DIGITS_CONFIG)
+    record = {"suggested": "3", "given": "5", "trusted": False, "score": 0.12, "prob_label_wrong": 0.9,
+              "loss": 2.3, "vog": 0.01, "priority": 0.88}
+    pred = prediction_for(record, info, "alr-v1-x", preselect=preselect)
+    assert pred["score"] == 0.12 and pred["model_version"] == "alr-v1-x"
+    if choices is None:
+        assert pred["result"] == []
+    else:
+        assert pred["result"][0]["value"]["choices"] == choices
+        assert pred["result"][0]["meta"]["suggested_label"] == "3"
+
+
+def test_review_changes_respect_the_opt_out_and_only_point_at_complete_versions():
+    from ml_backend.review import review_project_changes
+
+    project = {"sampling": "Sequential sampling", "maximum_annotations": 1, "model_version": "title"}
+    on = Settings()
+    assert review_project_changes(project, on, served_version="alr-v2", served_version_complete=True) == {
+        "sampling": "Uncertainty sampling", "model_version": "alr-v2"}
+    assert review_project_changes(project, on, served_version="alr-v2", served_version_complete=False) == {
+        "sampling": "Uncertainty sampling"}
+    assert review_project_changes(project, Settings(set_sampling=False), served_version=None,
+                                  served_version_complete=False) == {}
+    overlap = Settings(label_source="annotation", review_overlap=True)
+    assert review_project_changes(project, overlap, served_version=None, served_version_complete=False) == {
+        "sampling": "Uncertainty sampling", "maximum_annotations": 2}
+    with pytest.raises(ValueError, match="ALR_PRESELECT"):
+        Settings.from_env({"ALR_PRESELECT": "first"})

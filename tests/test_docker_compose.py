@@ -33,7 +33,8 @@ WORKERS = ("worker", "worker-gpu")
 APP_SERVICES = (BACKEND, *WORKERS)      # services running this project's image
 # Settings whose value in the stack differs from the code default on purpose (container paths,
 # service names on the private network, redis always on).
-STACK_OVERRIDES = {"LABEL_STUDIO_URL", "REDIS_URL", "REDIS_HOST", "MODEL_DIR", "ALR_IMAGE_CACHE_DIR", "ALR_USE_REDIS"}
+STACK_OVERRIDES = {"LABEL_STUDIO_URL", "REDIS_URL", "REDIS_HOST", "MODEL_DIR", "ALR_IMAGE_CACHE_DIR", "ALR_USE_REDIS",
+                   "BASIC_AUTH_USER", "BASIC_AUTH_PASS"}   # the stack turns auth on; the code alone does not
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def _interpolate(text: str, env: dict[str, str], used: set[str] | None = None) -
 
 def _walk_strings(node, used: set[str]) -> None:
     if isinstance(node, str):
-        _interpolate(node, {}, used)
+        _interpolate(node, REQUIRED_SECRETS, used)
     elif isinstance(node, dict):
         for key, value in node.items():
             _walk_strings(key, used)
@@ -253,10 +254,19 @@ def raw_compose() -> dict:
     return yaml.safe_load(COMPOSE_FILE.read_text())
 
 
+REQUIRED_SECRETS = {"BASIC_AUTH_PASS": "generated-in-docker-env"}
+
+
+def test_compose_refuses_to_start_without_the_backend_password(raw_compose):
+    with pytest.raises(ValueError, match="BASIC_AUTH_PASS"):
+        _resolve(raw_compose, {})
+
+
 @pytest.fixture(scope="module")
 def compose(raw_compose) -> dict:
-    """The compose model interpolated with no .env (every ${NAME:-default} at its default)."""
-    return _resolve(raw_compose, {})
+    """The compose model interpolated with a .env holding only the required secrets (every
+    ${NAME:-default} at its default; ${BASIC_AUTH_PASS:?...} makes compose refuse to start without one)."""
+    return _resolve(raw_compose, REQUIRED_SECRETS)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from ml_backend.demo import LS, REPO, Stack
 
@@ -59,3 +60,24 @@ def print_logs(stack: Stack, names=("backend", "worker")) -> None:
         log = Path(stack.workdir) / f"{name}.log"
         if log.exists():
             print(f"--- {name}.log (tail) ---\n" + log.read_text()[-4000:])
+
+
+def wait_idle(stack: Stack, project_id: int, timeout: float = 400) -> None:
+    """Until the backend has no running and no pending training job for the project."""
+    deadline = time.monotonic() + timeout
+    idle_since = None
+    while time.monotonic() < deadline:
+        st = requests.get(f"{stack.backend_url}/is_training", params={"project": project_id},
+                          auth=stack.backend_auth, timeout=10).json()
+        if not st["is_training"] and not st["pending_job"]:
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > 1.0:
+                return
+        else:
+            idle_since = None
+        time.sleep(0.5)
+    raise TimeoutError("training did not finish")
+
+
+def current_predictions(ls: LS, project_id: int, version: str) -> dict[int, dict]:
+    return {p["task"]: p for p in ls.predictions(project_id) if p["model_version"] == version}

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from ml_backend.demo import LS, Stack, build_demo_project, make_digits_project
-from tests.e2e.conftest import backend_stack, ls_api, print_logs
+from tests.e2e.conftest import backend_stack, current_predictions, ls_api, print_logs, wait_idle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -50,26 +50,6 @@ def e2e(label_studio, admin_pat, tmp_path_factory):
     finally:
         stack.stop()
         print_logs(stack)
-
-
-def wait_idle(stack: Stack, project_id: int, timeout: float = 400) -> None:
-    """Until the backend has no running and no pending training job for the project."""
-    deadline = time.monotonic() + timeout
-    idle_since = None
-    while time.monotonic() < deadline:
-        st = requests.get(f"{stack.backend_url}/is_training", params={"project": project_id}, timeout=10).json()
-        if not st["is_training"] and not st["pending_job"]:
-            idle_since = idle_since or time.monotonic()
-            if time.monotonic() - idle_since > 1.0:
-                return
-        else:
-            idle_since = None
-        time.sleep(0.5)
-    raise TimeoutError("training did not finish")
-
-
-def current_predictions(ls: LS, project_id: int, version: str) -> dict[int, dict]:
-    return {p["task"]: p for p in ls.predictions(project_id) if p["model_version"] == version}
 
 
 def test_every_task_has_a_prediction_of_the_current_version(e2e):
@@ -126,7 +106,8 @@ def test_relabel_through_the_api_makes_a_new_version_with_that_label_trusted(e2e
 
 
 def versions(stack: Stack, project_id: int) -> list[str]:
-    return requests.post(f"{stack.backend_url}/versions", json={"project": project_id}, timeout=10).json()["versions"]
+    return requests.post(f"{stack.backend_url}/versions", json={"project": project_id}, auth=stack.backend_auth,
+                         timeout=10).json()["versions"]
 
 
 def test_annotation_burst_and_deletion_through_label_studio_reach_the_model(e2e):
@@ -162,7 +143,7 @@ def test_annotation_burst_and_deletion_through_label_studio_reach_the_model(e2e)
 
 
 def test_health_reports_everything(e2e):
-    body = requests.get(f"{e2e['stack'].backend_url}/health", timeout=10).json()
+    body = requests.get(f"{e2e['stack'].backend_url}/health", auth=e2e["stack"].backend_auth, timeout=10).json()
     assert body["queue"]["redis"] is True and body["queue"]["workers"] >= 1
     assert body["label_studio"]["reachable"] is True
     assert body["model_versions"][str(e2e["project"])].startswith("alr-v")
