@@ -20,7 +20,7 @@ from .labelconfig import LabelConfigError, parse_label_config
 from .ls_client import LabelStudioClient
 from .model import NoiseRobustImageClassifier, parse_project_id
 from .review import ensure_review_order
-from .training_queue import QueueUnavailable, RQTrainingQueue, ThreadTrainingQueue, make_redis
+from .training_queue import QueueUnavailable, RQTrainingQueue, ThreadTrainingQueue, Watchdog, make_redis
 from .settings import Settings
 from .store import ProjectStore, ResultsCache
 from .training import config_fingerprint, run_training_job
@@ -52,6 +52,8 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.config["JSON_SORT_KEYS"] = False
     queue = training_queue if training_queue is not None else make_training_queue(settings)
+    if isinstance(queue, RQTrainingQueue) and settings.watchdog_seconds > 0:
+        app.extensions["alr_watchdog"] = Watchdog(queue, period=settings.watchdog_seconds).start()
     results_cache = ResultsCache(settings.model_dir)
     models: dict[tuple[int | None, str], NoiseRobustImageClassifier] = {}
     models_lock = threading.Lock()

@@ -40,6 +40,7 @@ class Settings:
     use_redis: bool = True                # False: in-process thread fallback, no redis at all
     rq_queue_name: str = "alr-training"
     job_timeout: int = 3600               # seconds; one training job
+    watchdog_seconds: float = 30.0        # web app: re-queue projects whose job died this often; 0 = off
     model_dir: str = "./runs/ml_backend"
     image_cache_dir: str | None = None    # default <model_dir>/image_cache
     image_cache_max_mb: int = 2048        # cap on the image cache; LRU files not in use are evicted; 0 = no cap
@@ -150,6 +151,7 @@ _ENV = {
     "use_redis": ("ALR_USE_REDIS", _bool),
     "rq_queue_name": ("RQ_QUEUE_NAME", str),
     "job_timeout": ("ALR_JOB_TIMEOUT", int),
+    "watchdog_seconds": ("ALR_WATCHDOG_SECONDS", float),
     "model_dir": ("MODEL_DIR", str),
     "image_cache_dir": ("ALR_IMAGE_CACHE_DIR", str),
     "image_cache_max_mb": ("ALR_IMAGE_CACHE_MAX_MB", int),

@@ -429,10 +429,13 @@ def prune_prediction_versions(client: LabelStudioClient, project_id: int, *, kee
 
 
 def train_project_job(project_id: int, reason: str = "") -> dict:
-    """rq entry point: claim the pending slot, hold the project's running lock, train."""
+    """rq entry point: hold the project's running lock (or hand the events on), claim the pending
+    slot, train; the project stays marked dirty until the job ends, so that a job killed mid-way
+    is queued again by the web app's watchdog."""
     from rq import get_current_job
 
-    from .training_queue import claim_pending, running_lock
+    from .ls_client import LabelStudioError
+    from .training_queue import RQTrainingQueue, RunningLock, claim_pending, clear_dirty, mark_dirty
 
     if not logging.getLogger().handlers:      # an rq worker configures only its own logger
         logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
@@ -443,7 +446,30 @@ def train_project_job(project_id: int, reason: str = "") -> dict:
         return run_training_job(project_id, settings=settings, reason=reason)
     progress = _JobProgress(job)
     progress("waiting for the project's running lock", 0.0)
-    with running_lock(job.connection, project_id, timeout=settings.job_timeout):
+    lock = RunningLock(job.connection, project_id)
+    queue = RQTrainingQueue(job.connection, job.origin, job_timeout=settings.job_timeout)
+    while not lock.acquire():
+        if queue.queue.count == 0:
+            continue         # nothing else to do for this worker: keep waiting (a few seconds a try)
+        # another job trains this project and other work waits: hand the events to a pending
+        # job at the back of the queue rather than hold this worker until that job ends
+        reasons = job.get_meta(refresh=True).get("reasons", [reason])
+        handed = queue.request_training(project_id, ",".join(reasons), events=int(job.meta.get("events", 1)))
         claim_pending(job.connection, project_id, job.id)
+        logger.info("project %d is being trained by another job: events handed to %s", project_id, handed["job_id"])
+        return {"status": "deferred", "project": int(project_id), "to": handed["job_id"]}
+    try:
+        claim_pending(job.connection, project_id, job.id)
+        mark_dirty(job.connection, project_id, job.id)
         reasons = ",".join(job.get_meta(refresh=True).get("reasons", [reason]))
-        return run_training_job(project_id, settings=settings, reason=reasons, progress=progress)
+        try:
+            result = run_training_job(project_id, settings=settings, reason=reasons, progress=progress)
+        except LabelStudioError:
+            raise            # Label Studio away: stays dirty, the watchdog queues the project again
+        except BaseException:
+            clear_dirty(job.connection, project_id)      # a bad project: fail once, do not loop
+            raise
+        clear_dirty(job.connection, project_id)
+        return result
+    finally:
+        lock.release()

@@ -12,8 +12,17 @@ redis keys (``<p>`` = project id):
 ``alr:train:<p>:pending``       id of the pending rq job (set and cleared under the lock)
 ``alr:train:<p>:lock``          short lock around "read/replace pending" (enqueue + claim)
 ``alr:train:<p>:running``       held by the job while it trains (so that two workers never
-                                train the same project at once; expires after the job timeout)
+                                train the same project at once): a short TTL (RUNNING_LOCK_TTL)
+                                renewed by a heartbeat thread while the job lives, so a killed
+                                work horse or worker frees the project within that TTL
+``alr:train:<p>:dirty``         set when a job claims its project, deleted when it ends; still there
+                                with no running lock = the job died: the web app's watchdog
+                                (:class:`Watchdog`) queues the project again
 ``alr:train:<p>:seq``           counter for job ids ``train-<p>-<n>``
+
+A job that finds its project's running lock held waits a few seconds at most, then hands its
+events to a new pending job at the back of the queue and frees its worker (no worker sits idle
+for an hour behind another job).
 """
 from __future__ import annotations
 
@@ -25,6 +34,11 @@ from typing import Any, Callable
 logger = logging.getLogger(__name__)
 
 _PENDING_STATES = {"queued", "deferred", "scheduled"}
+
+#: seconds the running lock lives without a heartbeat (a dead job frees its project this fast)
+RUNNING_LOCK_TTL = 30
+#: seconds a job waits for its project's running lock before it re-queues itself
+LOCK_WAIT_SECONDS = 3
 
 
 def _key(project_id: int, what: str) -> str:
@@ -49,8 +63,9 @@ class RQTrainingQueue:
         self.job_timeout = job_timeout
         self.job_func = job_func
 
-    def request_training(self, project_id: int, reason: str) -> dict:
-        """Enqueue a training job for the project, or fold the request into the pending one."""
+    def request_training(self, project_id: int, reason: str, *, events: int = 1) -> dict:
+        """Enqueue a training job for the project, or fold the request into the pending one
+        (``events``: how many webhook events the request stands for)."""
         from redis.exceptions import RedisError
         from rq.exceptions import NoSuchJobError
         from rq.job import Job
@@ -67,10 +82,11 @@ class RQTrainingQueue:
                     except NoSuchJobError:
                         job, status = None, None
                     if job is not None and status is not None and str(getattr(status, "value", status)) in _PENDING_STATES:
-                        job.meta["events"] = int(job.meta.get("events", 1)) + 1
+                        job.meta["events"] = int(job.meta.get("events", 1)) + events
                         job.meta.setdefault("reasons", [])
-                        if reason not in job.meta["reasons"]:
-                            job.meta["reasons"].append(reason)
+                        for one in reason.split(","):
+                            if one not in job.meta["reasons"]:
+                                job.meta["reasons"].append(one)
                         job.save_meta()
                         return {"job_id": pending, "coalesced": True, "queue": self.kind}
                 n = self.redis.incr(_key(p, "seq"))
@@ -79,7 +95,7 @@ class RQTrainingQueue:
                     self.job_func, args=(p, reason), job_id=job_id, timeout=self.job_timeout,
                     result_ttl=7 * 86400, failure_ttl=7 * 86400,
                     description=f"train project {p} ({reason})",
-                    meta={"project": p, "events": 1, "reasons": [reason],
+                    meta={"project": p, "events": events, "reasons": reason.split(","),
                           "progress": {"stage": "queued", "fraction": 0.0}})
                 self.redis.set(_key(p, "pending"), job_id)
                 return {"job_id": job_id, "coalesced": False, "queue": self.kind}
@@ -97,8 +113,9 @@ class RQTrainingQueue:
                     "workers": 0, "queued": None}
         try:
             workers = Worker.all(queue=self.queue)
+            live = [w for w in workers if _worker_alive(self.redis, w)]
             return {"kind": self.kind, "redis": True, "queue": self.queue.name,
-                    "workers": len(workers), "queued": self.queue.count}
+                    "workers": len(live), "dead_workers": len(workers) - len(live), "queued": self.queue.count}
         except RedisError as exc:
             return {"kind": self.kind, "redis": False, "error": str(exc), "workers": 0, "queued": None}
 
@@ -106,6 +123,15 @@ class RQTrainingQueue:
         pending = self.redis.get(_key(project_id, "pending"))
         running = self.redis.get(_key(project_id, "running"))
         return {"pending_job": pending.decode() if pending else None, "running": bool(running)}
+
+
+def _worker_alive(connection, worker) -> bool:
+    """An rq worker is alive while its connection holds its pub/sub subscription: redis drops it
+    the moment the process dies, whereas the worker's key outlives it by up to its worker TTL."""
+    channel = f"rq:pubsub:{worker.name}"
+    subscribed = dict(connection.pubsub_numsub(channel))
+    count = subscribed.get(channel.encode(), subscribed.get(channel, 0))
+    return count > 0
 
 
 def claim_pending(connection, project_id: int, job_id: str) -> bool:
@@ -124,10 +150,96 @@ def claim_pending(connection, project_id: int, job_id: str) -> bool:
         return False
 
 
-def running_lock(connection, project_id: int, *, timeout: int):
-    """The per-project lock a job holds while it trains (a redis-py Lock)."""
-    return connection.lock(_key(project_id, "running"), timeout=timeout + 60,
-                           blocking_timeout=timeout + 60)
+class RunningLock:
+    """The per-project lock a job holds while it trains, kept alive by a heartbeat thread.
+
+    ``acquire()`` waits ``LOCK_WAIT_SECONDS`` at most; while held, the lock's TTL
+    (``RUNNING_LOCK_TTL``) is renewed every third of it, so it outlives a long job but expires
+    within the TTL of its holder's death (SIGKILL, OOM kill, machine gone).
+    """
+
+    def __init__(self, connection, project_id: int, *, ttl: int = RUNNING_LOCK_TTL):
+        self.project_id = int(project_id)
+        self.ttl = ttl
+        self._lock = connection.lock(_key(project_id, "running"), timeout=ttl, blocking_timeout=LOCK_WAIT_SECONDS)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        if not self._lock.acquire():
+            return False
+        self._thread = threading.Thread(target=self._beat, name=f"alr-lock-{self.project_id}", daemon=True)
+        self._thread.start()
+        return True
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self._lock.reacquire()
+            except Exception:      # noqa: BLE001 - lost the lock (redis restarted?): say so, keep training
+                logger.warning("project %d: could not renew the running lock; another job may start on it",
+                               self.project_id, exc_info=True)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        try:
+            self._lock.release()
+        except Exception:          # noqa: BLE001 - expired or redis gone: it frees itself
+            logger.debug("running lock of project %d already gone", self.project_id)
+
+
+def mark_dirty(connection, project_id: int, job_id: str) -> None:
+    connection.set(_key(project_id, "dirty"), job_id)
+
+
+def clear_dirty(connection, project_id: int) -> None:
+    connection.delete(_key(project_id, "dirty"))
+
+
+def orphaned_projects(connection) -> list[int]:
+    """Projects whose last job died mid-way: dirty, no running lock, no pending job."""
+    out = []
+    for key in connection.scan_iter(match="alr:train:*:dirty", count=500):
+        key = key.decode() if isinstance(key, bytes) else key
+        p = int(key.split(":")[2])
+        if not connection.exists(_key(p, "running")) and not connection.exists(_key(p, "pending")):
+            out.append(p)
+    return out
+
+
+class Watchdog:
+    """A thread of the web app: every ``period`` seconds, queue a training for each project whose
+    job died mid-way (see :func:`orphaned_projects`), so the events it held reach a model."""
+
+    def __init__(self, queue: "RQTrainingQueue", *, period: float):
+        self.queue, self.period = queue, period
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="alr-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def check_once(self) -> list[int]:
+        requeued = []
+        for p in orphaned_projects(self.queue.redis):
+            job = self.queue.request_training(p, "RECOVER")
+            logger.warning("project %d: its last training job died mid-way (worker killed?): queued %s again",
+                           p, job["job_id"])
+            requeued.append(p)
+        return requeued
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.check_once()
+            except Exception as exc:       # noqa: BLE001 - redis down: try again next period
+                logger.debug("watchdog: %s", exc)
 
 
 class ThreadTrainingQueue:

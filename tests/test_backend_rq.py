@@ -6,6 +6,7 @@ events arrive while it runs; the real Label Studio is in tests/e2e.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -142,3 +143,72 @@ def test_redis_down_webhook_is_503_with_message_and_server_stays_up(backend_env,
     body = client.get("/health").get_json()
     assert body["status"] == "UP" and body["queue"]["redis"] is False and body["training_ready"] is False
     assert client.get("/is_training?project=1").status_code == 503
+
+
+def _start_worker(tmp_path, name: str, epochs: int) -> subprocess.Popen:
+    env = dict(os.environ, ALR_EPOCHS=str(epochs), PYTHONPATH=str(REPO))
+    log = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "--url", os.environ["REDIS_URL"], "alr-test"],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+@pytest.mark.parametrize("victim", ["work horse", "worker and horse"])
+def test_a_killed_job_frees_its_project_and_its_events_reach_a_model(fake_ls, tmp_path, monkeypatch, victim):
+    """kill -9 mid-training: the running lock expires within its TTL, the web app's watchdog queues
+    the project again, a live worker trains it; /health counts live workers only."""
+    from ml_backend.training_queue import RUNNING_LOCK_TTL
+
+    monkeypatch.setenv("ALR_WATCHDOG_SECONDS", "1")
+    app = create_app()
+    client = app.test_client()
+    conn = redis.Redis.from_url(os.environ["REDIS_URL"])
+    first = _start_worker(tmp_path, "worker-1", epochs=400)         # long enough to be killed mid-way
+    survivors = [first]
+    try:
+        ann = fake_ls.annotate(7, "2")
+        assert client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1},
+                                             "annotation": {**ann, "project": 1}}).status_code == 201
+        deadline = time.monotonic() + 60
+        while not (conn.get("alr:train:1:dirty") and conn.get("alr:train:1:running")):
+            assert time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.1)
+        horse = _children(first.pid)
+        assert horse, "no work horse"
+        time.sleep(1.0)
+        t_kill = time.monotonic()
+        for pid in horse:              # the horse runs in a session of its own (rq calls setsid)
+            os.kill(pid, signal.SIGKILL)
+        if victim == "worker and horse":
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(10)
+            survivors = [_start_worker(tmp_path, "worker-2", epochs=10)]
+            time.sleep(2)
+            health = client.get("/health").get_json()
+            assert health["queue"]["workers"] == 1, health      # the dead worker is not counted
+        while conn.get("alr:train:1:running"):
+            time.sleep(0.2)
+        freed = time.monotonic() - t_kill
+        assert freed <= RUNNING_LOCK_TTL + 2 <= 60
+        store = ProjectStore(Settings.from_env().model_dir, 1)
+        deadline = time.monotonic() + 240
+        while True:
+            version = store.current_version()
+            if version and 7 in store.load_meta(version)["trusted_task_ids"]:
+                break
+            assert time.monotonic() < deadline, "the killed job's annotation never reached a model"
+            time.sleep(0.5)
+        recovered = time.monotonic() - t_kill
+        assert fake_ls.projects[1]["model_version"] == version
+        assert not conn.get("alr:train:1:dirty")
+        print(f"kill -9 of the {victim}: project freed after {freed:.1f}s, new version {version} after {recovered:.1f}s")
+    finally:
+        app.extensions["alr_watchdog"].stop()
+        for proc in survivors:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(30)

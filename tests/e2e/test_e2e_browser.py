@@ -81,8 +81,8 @@ class Reviewer:
 
     def task_on_screen(self, previous: int | None = None) -> int:
         """The id the labelling view shows in its corner ("#<id>"), once it differs from ``previous``."""
-        def shown():      # the corner reads "#<id>" above "<n> of <total>"
-            m = re.search(r"#(\d+)\s+\d+ of \d+", self.driver.execute_script("return document.body.innerText"))
+        def shown():      # the corner reads "#<id>" ("#" drawn by CSS) above "<n> of <total>"
+            m = re.search(r"(?:^|\n)#?(\d+)\n\d+ of \d+", self.driver.execute_script("return document.body.innerText"))
             return int(m.group(1)) if m and int(m.group(1)) != previous else None
         return self._wait(shown, "the labelling view")
 
