@@ -14,9 +14,11 @@ name the URL and the status only.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import time
-from typing import Iterator
+from typing import Iterator, Sequence
 from urllib.parse import urljoin, urlparse
 
 import requests
@@ -49,15 +51,18 @@ class LabelStudioClient:
     url : the Label Studio base URL, e.g. ``http://127.0.0.1:8080``.
     api_key : a legacy token or a personal access token.
     timeout : seconds per request.
+    image_hosts : hosts other than Label Studio's that task images may be fetched from
+        (ALR_IMAGE_HOSTS; see :func:`fetch_refusal`).
     """
 
     def __init__(self, url: str, api_key: str, *, timeout: float = 30.0,
-                 session: requests.Session | None = None):
+                 session: requests.Session | None = None, image_hosts: Sequence[str] = ()):
         if not url:
             raise ValueError("LABEL_STUDIO_URL is empty")
         self.url = url.rstrip("/")
         self._key = api_key or ""
         self.timeout = timeout
+        self.image_hosts = tuple(image_hosts)      # hosts besides Label Studio images may come from
         self.session = session or requests.Session()
         self._mode = "pat" if _looks_like_jwt(self._key) else "legacy"
         self._access: str | None = None
@@ -190,33 +195,77 @@ class LabelStudioClient:
                      json={"model_version": model_version})
 
     def download(self, url: str, *, max_bytes: int = 64 * 1024 * 1024) -> bytes:
-        """Fetch a task's file: relative /data/... paths and this instance's URLs with the
-        API key, other http(s) URLs without it."""
-        absolute = url if url.startswith(("http://", "https://")) else urljoin(self.url + "/", url.lstrip("/"))
-        parsed = urlparse(absolute)
-        if parsed.path.startswith(("/data/upload/", "/data/local-files")):
+        """Fetch a task's file: relative /data/... paths and this instance's URLs with the API
+        key, other http(s) URLs without it and only on an allowed host (:func:`fetch_refusal`).
+        Redirects are followed by hand, at most 3, each target checked the same way."""
+        target = url if url.startswith(("http://", "https://")) else urljoin(self.url + "/", url.lstrip("/"))
+        if urlparse(target).path.startswith(("/data/upload/", "/data/local-files")):
             # served by Label Studio whatever host name it put in the URL (--host may be a
             # public name while LABEL_STUDIO_URL is the internal one)
-            absolute = f"{self.url}{_path(absolute)}"
-        same_host = urlparse(absolute).netloc == urlparse(self.url).netloc
-        if same_host:
-            r = self.request("GET", absolute, raw=True, stream=True)
-        elif parsed.scheme not in ("http", "https"):
-            raise LabelStudioError(f"unsupported image URL scheme: {url[:80]!r}")
+            target = f"{self.url}{_path(target)}"
+        for _ in range(4):
+            if urlparse(target).netloc == urlparse(self.url).netloc:
+                r = self.request("GET", target, raw=True, stream=True, allow_redirects=False)
+            else:
+                reason = fetch_refusal(target, self.image_hosts)
+                if reason:
+                    raise FetchRefused(f"refused to fetch {_host(target)}: {reason}")
+                try:
+                    r = self.session.get(target, timeout=self.timeout, stream=True, allow_redirects=False)
+                except requests.RequestException as exc:
+                    raise LabelStudioError(f"GET {_host(target)}: {type(exc).__name__}") from None
+                if r.status_code >= 400:
+                    raise LabelStudioError(f"GET {_host(target)}{urlparse(target).path}: HTTP {r.status_code}",
+                                           r.status_code)
+            if not r.is_redirect:
+                break
+            target = urljoin(target, r.headers.get("location", ""))
         else:
-            try:
-                r = self.session.get(absolute, timeout=self.timeout, stream=True)
-            except requests.RequestException as exc:
-                raise LabelStudioError(f"GET {absolute}: {type(exc).__name__}") from None
-            if r.status_code >= 400:
-                raise LabelStudioError(f"GET {absolute}: HTTP {r.status_code}", r.status_code)
+            raise LabelStudioError(f"GET {url[:80]!r}: more than 3 redirects")
         chunks, size = [], 0
         for chunk in r.iter_content(65536):
             size += len(chunk)
             if size > max_bytes:
-                raise LabelStudioError(f"GET {_path(absolute)}: file larger than {max_bytes} bytes")
+                raise LabelStudioError(f"GET {_path(target)}: file larger than {max_bytes} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+class FetchRefused(LabelStudioError):
+    """A task's image URL points somewhere the backend may not fetch from (the message says why)."""
+
+
+def fetch_refusal(url: str, allowed_hosts: Sequence[str]) -> str | None:
+    """Why the backend must not GET ``url`` (a host other than Label Studio's), or None.
+
+    ``allowed_hosts`` (ALR_IMAGE_HOSTS) holds exact host names, trusted at any address (an
+    image server on the hospital's network), and ``*.domain`` patterns, whose hosts must
+    resolve to public addresses only: a pattern never opens loopback, private or link-local
+    addresses (cloud metadata, the backend's neighbours) to whoever writes a task.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https"):
+        return f"unsupported URL scheme {parsed.scheme!r}"
+    host = (parsed.hostname or "").lower()
+    if not host:
+        return "no host in the URL"
+    if host in (h.lower() for h in allowed_hosts):
+        return None
+    if not any(h.startswith("*.") and host.endswith(h[1:].lower()) for h in allowed_hosts):
+        return "host is not Label Studio's and not in ALR_IMAGE_HOSTS"
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, parsed.port or 443, proto=socket.IPPROTO_TCP)}
+    except OSError as exc:
+        return f"cannot resolve the host ({exc})"
+    private = sorted(a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_global)
+    if private:
+        return f"resolves to a non-public address {private[0]} (name the host exactly in ALR_IMAGE_HOSTS to allow it)"
+    return None
+
+
+def _host(url: str) -> str:
+    p = urlparse(url)
+    return f"{p.scheme}://{p.netloc}"
 
 
 def _path(url: str) -> str:

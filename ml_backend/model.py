@@ -114,7 +114,8 @@ class NoiseRobustImageClassifier(LabelStudioMLBase):
         url = self.settings.label_studio_url or self.hostname
         key = self.settings.label_studio_api_key or self.access_token
         cache = ImageCache(self.settings.cache_dir,
-                           LabelStudioClient(url, key, timeout=self.settings.request_timeout),
+                           LabelStudioClient(url, key, timeout=self.settings.request_timeout,
+                                             image_hosts=self.settings.image_hosts),
                            max_cache_bytes=self.settings.image_cache_max_mb * 2**20,
                            protect_seconds=self.settings.job_timeout)
         images, pos_ok, given = [], [], {}

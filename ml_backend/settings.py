@@ -58,6 +58,7 @@ class Settings:
     review_overlap: bool = False          # label_source=annotation: allow 2 annotations per task (review stream)
     keep_prediction_versions: int = 1     # this backend's versions whose predictions stay in LS; 0 = all
                                           # (not read from the environment yet)
+    image_hosts: tuple[str, ...] = ()     # ALR_IMAGE_HOSTS: hosts besides Label Studio's images may come from
     request_timeout: float = 30.0         # seconds, each Label Studio API / image request
     max_request_bytes: int = 32 * 1024 * 1024
     max_unseen_per_request: int = 256     # /predict: unseen tasks scored by a forward pass per call
@@ -167,6 +168,7 @@ _ENV = {
     "review_overlap": ("ALR_REVIEW_OVERLAP", _bool),
     "min_labelled_tasks": ("ALR_MIN_LABELLED_TASKS", int),
     "predictions_batch_size": ("ALR_PREDICTIONS_BATCH_SIZE", int),
+    "image_hosts": ("ALR_IMAGE_HOSTS", lambda v: tuple(h.strip() for h in v.split(",") if h.strip())),
     "request_timeout": ("ALR_REQUEST_TIMEOUT", float),
     "max_request_bytes": ("ALR_MAX_REQUEST_BYTES", int),
     "max_unseen_per_request": ("ALR_MAX_UNSEEN_PER_REQUEST", int),

@@ -247,7 +247,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     p = int(project_id)
     engine = load_engine()
     client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key,
-                                         timeout=settings.request_timeout)
+                                         timeout=settings.request_timeout, image_hosts=settings.image_hosts)
     store = ProjectStore(settings.model_dir, p)
     store.clean_temp()
 

@@ -8,7 +8,11 @@ from typing import BinaryIO
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: larger images are refused before they are decoded (decompression bombs); 40 MP covers scans
+#: of 6,000 x 6,000 pixels and more
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 def as_image_array(images) -> np.ndarray:
@@ -78,8 +82,9 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, *, image_size: int,
     """Decode one image file and return it resized to (image_size, image_size, channels) uint8.
 
     Grey images become RGB and RGB become grey as ``channels`` asks; 16-bit and
-    palette images are converted.  A file that cannot be decoded raises
-    ValueError naming it, so a caller can skip it and say which one.
+    palette images are converted; the EXIF orientation is applied.  A file that cannot be
+    decoded, or of more than ``MAX_IMAGE_PIXELS`` pixels (checked from its header, before
+    decoding), raises ValueError naming it, so a caller can skip it and say which one.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -87,7 +92,11 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, *, image_size: int,
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else source
         with Image.open(handle) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{image.width} x {image.height} pixels is more than MAX_IMAGE_PIXELS="
+                                 f"{MAX_IMAGE_PIXELS} (a decompression bomb?)")
             image.load()
+            image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 pixels = np.asarray(image, dtype=np.float64)
                 span = max(pixels.max() - pixels.min(), 1.0)
@@ -95,7 +104,7 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, *, image_size: int,
             image = image.convert("L" if channels == 1 else "RGB")
             image = image.resize((image_size, image_size), Image.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot read image {name}: {error}") from error
     return array[..., None] if channels == 1 else array
 

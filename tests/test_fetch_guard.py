@@ -1,0 +1,120 @@
+"""What a task's image URL may make the backend fetch: Label Studio, ALR_IMAGE_HOSTS, nothing else.
+
+Real HTTP servers on loopback stand in for a foreign host, an allowed image server and a
+redirecting one; each records the requests it got, so a refused fetch is seen to send nothing.
+"""
+from __future__ import annotations
+
+import http.server
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ml_backend.ls_client import FetchRefused, LabelStudioClient, fetch_refusal
+from model.data import MAX_IMAGE_PIXELS, load_image
+
+
+def png(size=(4, 4), value=200) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, value).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Server:
+    """A loopback HTTP server answering every GET with ``body`` or a redirect to ``redirect``."""
+
+    def __init__(self, *, body: bytes = b"", redirect: str | None = None):
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests.append(self.path)
+                if redirect:
+                    self.send_response(302)
+                    self.send_header("Location", redirect)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def servers():
+    made = []
+
+    def make(**kwargs):
+        made.append(Server(**kwargs))
+        return made[-1]
+    yield make
+    for server in made:
+        server.close()
+
+
+def client(*image_hosts) -> LabelStudioClient:
+    return LabelStudioClient("http://127.0.0.1:9", "", timeout=5, image_hosts=image_hosts)   # LS elsewhere
+
+
+def test_a_host_not_allowed_is_refused_and_gets_no_request(servers):
+    foreign = servers(body=png())
+    with pytest.raises(FetchRefused, match="not in ALR_IMAGE_HOSTS"):
+        client().download(f"{foreign.url}/scan.png")
+    assert foreign.requests == []
+
+
+def test_an_allowed_host_named_exactly_is_fetched_even_on_a_private_address(servers):
+    images = servers(body=png())
+    assert client("127.0.0.1").download(f"{images.url}/scan.png") == png()
+    assert images.requests == ["/scan.png"]
+
+
+def test_a_redirect_to_a_host_not_allowed_is_refused_before_it_is_followed(servers):
+    # both on 127.0.0.1: the allowed one is named "127.0.0.1", the target is reached as "localhost"
+    target = servers(body=png())
+    hop = servers(redirect=target.url.replace("127.0.0.1", "localhost") + "/metadata")
+    with pytest.raises(FetchRefused, match="localhost"):
+        client("127.0.0.1").download(f"{hop.url}/scan.png")
+    assert hop.requests == ["/scan.png"] and target.requests == []
+
+
+def test_patterns_never_open_loopback_private_or_link_local_addresses():
+    for url in ("http://169.254.169.254/latest/meta-data", "http://10.0.0.7/x.png", "http://127.0.0.1:8080/x"):
+        assert "non-public address" in fetch_refusal(url, ["*.254", "*.7", "*.1"]), url
+    assert "unsupported URL scheme" in fetch_refusal("file:///etc/passwd", ["*.example.org"])
+    assert "unsupported URL scheme" in fetch_refusal("gopher://example.org/", ["example.org"])
+
+
+def test_decompression_bombs_are_refused_before_decoding():
+    side = int(np.sqrt(MAX_IMAGE_PIXELS)) + 100
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")        # a few kB on disk, 40+ MP decoded
+    assert len(buf.getvalue()) < 1_000_000
+    with pytest.raises(ValueError, match="decompression bomb"):
+        load_image(buf.getvalue(), image_size=8, channels=1)
+
+
+def test_exif_orientation_is_applied():
+    pixels = np.zeros((20, 40), np.uint8)
+    pixels[:, :20] = 255                                          # left half bright, landscape
+    exif = Image.Exif()
+    exif[0x0112] = 6                                              # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    out = load_image(buf.getvalue(), image_size=40, channels=1)[..., 0]
+    assert out[:20].mean() > 200 and out[20:].mean() < 50         # displayed portrait: top half bright
