@@ -19,6 +19,7 @@ from werkzeug.exceptions import Forbidden, HTTPException
 from .labelconfig import LabelConfigError, parse_label_config
 from .ls_client import LabelStudioClient
 from .model import NoiseRobustImageClassifier, parse_project_id
+from .reconcile import Reconciler
 from .review import ensure_review_order
 from .training_queue import QueueUnavailable, RQTrainingQueue, ThreadTrainingQueue, Watchdog, make_redis
 from .settings import Settings
@@ -54,6 +55,8 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
     queue = training_queue if training_queue is not None else make_training_queue(settings)
     if isinstance(queue, RQTrainingQueue) and settings.watchdog_seconds > 0:
         app.extensions["alr_watchdog"] = Watchdog(queue, period=settings.watchdog_seconds).start()
+    if settings.reconcile_seconds > 0 and settings.label_studio_api_key:
+        app.extensions["alr_reconciler"] = Reconciler(queue, settings).start()
     results_cache = ResultsCache(settings.model_dir)
     models: dict[tuple[int | None, str], NoiseRobustImageClassifier] = {}
     models_lock = threading.Lock()
@@ -135,7 +138,7 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
                 first_time = project_id not in reviewed_projects
                 reviewed_projects.add(project_id)
             if first_time:      # once per project and process, off the request path
-                threading.Thread(target=_set_up_project, args=(project_id, settings, request.url_root + "webhook"),
+                threading.Thread(target=_set_up_project, args=(project_id, settings, request.url_root + "webhook", queue),
                                  daemon=True, name=f"alr-setup-{project_id}").start()
         return jsonify({"model_version": model.model_version})
 
@@ -264,9 +267,11 @@ def credentials_ok(authorization, settings: Settings) -> bool:
     return user_ok and pass_ok
 
 
-def _set_up_project(project_id: int, settings: Settings, webhook_url: str) -> None:
-    """On connection: the project's sampling and served version follow the backend's scores, and
-    the webhook Label Studio made for the backend carries the backend's credentials."""
+def _set_up_project(project_id: int, settings: Settings, webhook_url: str, queue) -> None:
+    """On connection: the project's sampling and served version follow the backend's scores,
+    the webhook Label Studio made for the backend carries the backend's credentials, and a
+    project with no model version yet gets its first training (the PROJECT_UPDATED event of the
+    connection itself comes before the webhook has the credentials and is refused)."""
     client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key,
                                timeout=settings.request_timeout)
     try:
@@ -283,6 +288,13 @@ def _set_up_project(project_id: int, settings: Settings, webhook_url: str) -> No
             logger.error("project %d: could not add the backend's credentials to its webhook %s (%s): Label "
                          "Studio's annotation events will be refused with 401 until the backend is reconnected",
                          project_id, webhook_url, exc)
+    if ProjectStore(settings.model_dir, project_id).current_version() is None:
+        try:
+            job = queue.request_training(project_id, "CONNECTED")
+            logger.info("project %d has no model version yet: first training queued (%s)", project_id, job["job_id"])
+        except QueueUnavailable as exc:
+            logger.error("project %d: first training NOT queued (%s); press Start Training when the queue is back",
+                         project_id, exc)
 
 
 def authenticate_webhook(client: LabelStudioClient, project_id: int, webhook_url: str, headers: dict, *,

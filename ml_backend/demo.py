@@ -166,7 +166,7 @@ class Stack:
             raise RuntimeError("redis-server is missing: apt-get install -y redis-server")
         (self.workdir / "redis").mkdir(exist_ok=True)
         self._spawn("redis", [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no", "--dir", str(self.workdir / "redis")])
+                              "--appendonly", "yes", "--dir", str(self.workdir / "redis")])
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

@@ -41,6 +41,7 @@ class Settings:
     rq_queue_name: str = "alr-training"
     job_timeout: int = 3600               # seconds; one training job
     watchdog_seconds: float = 30.0        # web app: re-queue projects whose job died this often; 0 = off
+    reconcile_seconds: float = 300.0      # web app: compare Label Studio's annotation counts this often; 0 = off
     model_dir: str = "./runs/ml_backend"
     image_cache_dir: str | None = None    # default <model_dir>/image_cache
     image_cache_max_mb: int = 2048        # cap on the image cache; LRU files not in use are evicted; 0 = no cap
@@ -153,6 +154,7 @@ _ENV = {
     "rq_queue_name": ("RQ_QUEUE_NAME", str),
     "job_timeout": ("ALR_JOB_TIMEOUT", int),
     "watchdog_seconds": ("ALR_WATCHDOG_SECONDS", float),
+    "reconcile_seconds": ("ALR_RECONCILE_SECONDS", float),
     "model_dir": ("MODEL_DIR", str),
     "image_cache_dir": ("ALR_IMAGE_CACHE_DIR", str),
     "image_cache_max_mb": ("ALR_IMAGE_CACHE_MAX_MB", int),

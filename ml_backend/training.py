@@ -37,6 +37,7 @@ from .images import ImageCache, cache_task_images, load_task_images
 from .labelconfig import LabelConfigInfo, parse_label_config
 from .labels import extract_labels
 from .ls_client import LabelStudioClient
+from .reconcile import annotation_counts
 from .review import ensure_review_order
 from .settings import Settings
 from .store import ProjectStore, atomic_write_json
@@ -344,6 +345,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
             "version": version, "project": p, "class_names": list(info.class_names),
             "items": {str(k): v for k, v in records.items()}})
         meta = {"version": version, "project": p, "phase": phase, "previous": previous,
+                "annotation_counts": annotation_counts(project),      # read before the tasks: see reconcile.py
                 "reason": reason, "config_fingerprint": fingerprint,
                 "class_names": list(info.class_names), "n_tasks": len(tasks),
                 "n_trained": len(train_pos), "n_trusted": n_trusted,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ NOISE_RATE = 0.2
 BACKEND_ENV = {   # small and fast: digits are 8x8 originally; 30 epochs of a small CNN
     "ALR_IMAGE_SIZE": "8", "ALR_CHANNELS": "1", "ALR_EPOCHS": "30", "ALR_FINETUNE_EPOCHS": "5",
     "ALR_FORGET_RATE": str(NOISE_RATE), "ALR_SEED": "0", "LOG_LEVEL": "INFO",
+    "ALR_RECONCILE_SECONDS": "5",     # events refused while redis is down are found within seconds
 }
 
 
@@ -142,8 +144,61 @@ def test_annotation_burst_and_deletion_through_label_studio_reach_the_model(e2e)
     assert {v for v in remaining if v.startswith("alr-")} == {version}, remaining
 
 
+def test_annotations_made_while_redis_was_down_reach_a_model(e2e):
+    """redis stopped: Label Studio's webhooks get 503 and are never retried; redis restarted (its
+    append-only file on): the reconciliation sees the project's annotation counts moved and queues
+    a training, whose version trusts every annotation made meanwhile."""
+    ls, stack, pid = e2e["ls"], e2e["stack"], e2e["project"]
+    wait_idle(stack, pid)
+    version = ls.project(pid)["model_version"]
+    annotated = [tid for tid in e2e["truth"] if not ls.call("GET", f"/api/tasks/{tid}/annotations")][:3]
+    redis_proc = stack.procs["redis"]
+    redis_proc.terminate()
+    redis_proc.wait(10)
+    t0 = time.monotonic()
+    for tid in annotated:
+        ls.call("POST", f"/api/tasks/{tid}/annotations", json={
+            "result": [{"from_name": "label", "to_name": "image", "type": "choices",
+                        "value": {"choices": [str(e2e["truth"][tid][1])]}}], "was_cancelled": False})
+    assert f"webhook ANNOTATION_CREATED for project {pid} NOT queued" in (Path(e2e["workdir"]) / "backend.log").read_text()
+    stack.start_redis()
+    new = ls.wait_model_version(pid, not_in={version}, timeout=300)
+    wait_idle(stack, pid)
+    new = ls.project(pid)["model_version"]
+    print(f"redis down during 3 annotations: new version {new} {time.monotonic() - t0:.0f}s after the first")
+    meta = json.loads((Path(e2e["workdir"]) / "models" / f"project-{pid}" / "versions" / new / "meta.json").read_text())
+    assert set(annotated) <= set(meta["trusted_task_ids"])
+    assert set(current_predictions(ls, pid, new)) == set(e2e["truth"])
+
+
 def test_health_reports_everything(e2e):
     body = requests.get(f"{e2e['stack'].backend_url}/health", auth=e2e["stack"].backend_auth, timeout=10).json()
     assert body["queue"]["redis"] is True and body["queue"]["workers"] >= 1
     assert body["label_studio"]["reachable"] is True
     assert body["model_versions"][str(e2e["project"])].startswith("alr-v")
+
+
+def test_secrets_never_reach_logs_or_redis(e2e, admin_pat):
+    """The API key and the backend's password appear in no log and in no redis value (rq job
+    arguments and meta included) after a full run: training, relabels, a burst, a deletion."""
+    import redis as redis_lib
+
+    stack = e2e["stack"]
+    secrets = {"LABEL_STUDIO_API_KEY": admin_pat, "BASIC_AUTH_PASS": stack.backend_password}
+    for name in ("backend", "worker", "redis"):
+        text = (Path(e2e["workdir"]) / f"{name}.log").read_text(errors="replace")
+        leaked = [k for k, v in secrets.items() if v in text]
+        assert not leaked, f"{name}.log holds {leaked}"
+    conn = redis_lib.Redis.from_url(stack.redis_url)
+    keys = list(conn.scan_iter(count=1000))
+    assert keys, "redis holds nothing: the check would prove nothing"
+    for key in keys:
+        blobs = [key, conn.dump(key) or b""]
+        if conn.type(key) == b"hash":           # rq keeps a job's call (arguments) zlib-compressed
+            for value in conn.hgetall(key).values():
+                try:
+                    blobs.append(zlib.decompress(value))
+                except zlib.error:
+                    blobs.append(value)
+        leaked = [k for k, v in secrets.items() if any(v.encode() in blob for blob in blobs)]
+        assert not leaked, f"redis key {key!r} holds {leaked}"

@@ -1,0 +1,88 @@
+"""Reconciliation: events that never arrived still reach a model.
+
+Label Studio sends each webhook once, with a 1 s timeout and no retry: while redis (or the
+backend) is down, an annotation's event is answered 503 (or not at all) and lost.  Every
+``ALR_RECONCILE_SECONDS`` the web app compares, for each project with a model version, the
+project's annotation counts in Label Studio (one ``GET /api/projects/<id>``) with the counts the
+current version was trained from (``meta.json``: ``annotation_counts``), and queues a training
+when they differ.  Counts see annotations created, skipped and deleted; an annotation UPDATED
+while its webhook was lost is seen by the next training of the project, whatever triggers it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from .ls_client import LabelStudioClient
+from .settings import Settings
+from .store import ProjectStore
+
+logger = logging.getLogger(__name__)
+
+#: the project fields whose change means "annotations changed"
+COUNT_FIELDS = ("total_annotations_number", "skipped_annotations_number", "num_tasks_with_annotations")
+
+
+def annotation_counts(project: dict) -> list:
+    """The counts of a Label Studio project (GET /api/projects/<id>) reconciliation compares."""
+    return [project.get(field) for field in COUNT_FIELDS]
+
+
+def served_projects(settings: Settings) -> list[int]:
+    """Projects with a model version in MODEL_DIR (and in ALR_PROJECTS when set)."""
+    out = []
+    if os.path.isdir(settings.model_dir):
+        for name in os.listdir(settings.model_dir):
+            if name.startswith("project-") and name[8:].isdigit() and settings.project_allowed(int(name[8:])):
+                if ProjectStore(settings.model_dir, int(name[8:])).current_version():
+                    out.append(int(name[8:]))
+    return sorted(out)
+
+
+def stale_projects(client: LabelStudioClient, settings: Settings) -> list[int]:
+    """Projects whose annotation counts changed since their current version was trained."""
+    stale = []
+    for p in served_projects(settings):
+        store = ProjectStore(settings.model_dir, p)
+        trained = store.load_meta(store.current_version()).get("annotation_counts")
+        if trained is not None and annotation_counts(client.get_project(p)) != trained:
+            stale.append(p)
+    return stale
+
+
+class Reconciler:
+    """A thread of the web app that queues a training for every stale project each period."""
+
+    def __init__(self, queue, settings: Settings):
+        self.queue, self.settings = queue, settings
+        self.client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key,
+                                        timeout=settings.request_timeout)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="alr-reconcile", daemon=True)
+
+    def start(self) -> "Reconciler":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def check_once(self) -> list[int]:
+        queued = []
+        for p in stale_projects(self.client, self.settings):
+            if self.queue.project_status(p).get("pending_job"):
+                continue        # a job is coming anyway
+            job = self.queue.request_training(p, "RECONCILE")
+            logger.warning("project %d: its annotations changed since the current model version but no event "
+                           "reached the backend (a webhook refused while redis was down?): queued %s",
+                           p, job["job_id"])
+            queued.append(p)
+        return queued
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.reconcile_seconds):
+            try:
+                self.check_once()
+            except Exception as exc:      # noqa: BLE001 - Label Studio or redis away: next period
+                logger.info("reconciliation skipped this period: %s", exc)
