@@ -39,6 +39,9 @@ _PENDING_STATES = {"queued", "deferred", "scheduled"}
 RUNNING_LOCK_TTL = 30
 #: seconds a job waits for its project's running lock before it re-queues itself
 LOCK_WAIT_SECONDS = 3
+#: how often a webhook polls the short per-project lock: redis-py's default (0.1 s) put a burst's
+#: events for one project 100 ms apart each
+LOCK_POLL_SECONDS = 0.005
 
 
 def _key(project_id: int, what: str) -> str:
@@ -72,7 +75,7 @@ class RQTrainingQueue:
 
         p = int(project_id)
         try:
-            with self.redis.lock(_key(p, "lock"), timeout=10, blocking_timeout=5):
+            with self.redis.lock(_key(p, "lock"), timeout=10, blocking_timeout=5, sleep=LOCK_POLL_SECONDS):
                 pending = self.redis.get(_key(p, "pending"))
                 if pending:
                     pending = pending.decode() if isinstance(pending, bytes) else pending
@@ -141,7 +144,7 @@ def claim_pending(connection, project_id: int, job_id: str) -> bool:
     was the pending job (False for a job enqueued by hand).
     """
     p = int(project_id)
-    with connection.lock(_key(p, "lock"), timeout=10, blocking_timeout=30):
+    with connection.lock(_key(p, "lock"), timeout=10, blocking_timeout=30, sleep=LOCK_POLL_SECONDS):
         pending = connection.get(_key(p, "pending"))
         pending = pending.decode() if isinstance(pending, bytes) else pending
         if pending == job_id:
