@@ -34,7 +34,7 @@ setup(
         "gunicorn>=21",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pyyaml>=6", "selenium>=4.20"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pyyaml>=6", "selenium>=4.20", "hypothesis>=6.100"],
         "bench": ["cleanlab>=2.6,<3"],
     },
     entry_points={

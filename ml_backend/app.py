@@ -130,8 +130,12 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
     def setup():
         data = body()
         schema = data.get("schema") or data.get("label_config")
-        model = get_model(data.get("project"), schema, hostname=data.get("hostname") or "",
-                          access_token=data.get("access_token") or "")
+        if not isinstance(schema, (str, type(None))):
+            raise _BadRequest("'schema' must be the project's labelling config (an XML string)")
+        hostname, access_token = data.get("hostname") or "", data.get("access_token") or ""
+        if not isinstance(hostname, str) or not isinstance(access_token, str):
+            raise _BadRequest("'hostname' and 'access_token' must be strings")
+        model = get_model(data.get("project"), schema, hostname=hostname, access_token=access_token)
         project_id = model.project_id
         if project_id is not None and settings.label_studio_api_key:
             with models_lock:
@@ -149,14 +153,17 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
         if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
             raise _BadRequest("'tasks' must be a list of task objects")
         label_config = data.get("label_config")
-        if not label_config:
-            raise _BadRequest("'label_config' is missing")
+        if not label_config or not isinstance(label_config, str):
+            raise _BadRequest("'label_config' must be the project's labelling config (an XML string)")
         project = data.get("project")
         if project is None and tasks:
             project = tasks[0].get("project")
         model = get_model(project, label_config)
         t0 = time.perf_counter()
-        results = model.predict(tasks, **(data.get("params") or {}))
+        params = data.get("params") or {}
+        if not isinstance(params, dict):
+            raise _BadRequest("'params' must be an object")
+        results = model.predict(tasks, **{str(k): v for k, v in params.items()})
         logger.debug("/predict: %d tasks in %.1f ms", len(tasks), 1000 * (time.perf_counter() - t0))
         return jsonify({"results": results, "model_version": model.model_version})
 

@@ -17,6 +17,7 @@ half-written one; a crashed job leaves only a ``.tmp-*`` directory, removed by t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,8 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
 
@@ -162,7 +165,13 @@ class ResultsCache:
             cached = self._loaded.get(store.project_id)
             if cached is not None and cached.version == version:
                 return cached
-        results = store.load(version)            # outside the lock: may take a moment
+        try:
+            results = store.load(version)        # outside the lock: may take a moment
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.error("project %d: the files of model version %s cannot be read (%s: %s): serving no "
+                         "predictions until the next training replaces it", store.project_id, version,
+                         type(exc).__name__, exc)
+            return None
         with self._lock:
             self._loaded[store.project_id] = results
         return results

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -172,7 +174,12 @@ def score_images(checkpoint_path: str | os.PathLike, images, labels=None, *, sam
 def _fine_tunable(previous_checkpoint, class_names, images: ImageSource, config: EngineConfig):
     if previous_checkpoint is None:
         return None
-    state, saved = load_checkpoint(previous_checkpoint, device=select_device(config.device), config=config)
+    try:
+        state, saved = load_checkpoint(previous_checkpoint, device=select_device(config.device), config=config)
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        logger.error("The previous checkpoint %s cannot be read (%s: %s): running Phase 1 again instead of "
+                     "fine-tuning", previous_checkpoint, type(exc).__name__, exc)
+        return None
     spec = state.network_spec
     if list(saved["class_names"]) != class_names:
         logger.warning("The classes changed (%s -> %s): running Phase 1 again instead of fine-tuning",

@@ -271,3 +271,47 @@ def test_thread_fallback_coalesces_a_burst_and_drops_nothing():
     assert queue.wait_idle(10)
     assert queue.jobs_started <= 2
     assert seen_at_start[-1] == 50                # the last run saw every event
+
+
+def test_a_corrupt_checkpoint_or_results_file_is_survived(fake_ls, caplog):
+    """A truncated checkpoint: the next job trains Phase 1 instead of failing; a corrupt
+    results.json: /predict answers (no predictions) instead of a 500; the next job replaces it."""
+    settings = Settings.from_env()
+    first = run_training_job(1, settings=settings)["model_version"]
+    store = ProjectStore(settings.model_dir, 1)
+    checkpoint = store.version_dir(first) / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    (store.version_dir(first) / "results.json").write_text('{"version": "alr-v1", "items": {')
+    client = create_app(settings).test_client()
+    r = client.post("/predict", json=predict_body([fake_ls.tasks[100]]))
+    assert r.status_code == 200 and r.get_json()["results"] == [{"result": [], "model_version": "alr-untrained"}]
+    fake_ls.annotate(200, "2")
+    summary = run_training_job(1, settings=settings)
+    assert summary["status"] == "trained" and store.current_version() == summary["model_version"] != first
+    assert "cannot be read" in caplog.text
+    assert client.post("/predict", json=predict_body([fake_ls.tasks[100]])).get_json()["results"][0]["result"]
+
+
+def test_no_space_left_while_saving_fails_the_job_and_leaves_the_served_version_whole(fake_ls, monkeypatch):
+    import errno
+
+    import ml_backend.training as training
+
+    settings = Settings.from_env()
+    first = run_training_job(1, settings=settings)["model_version"]
+    real = training.atomic_write_json
+
+    def disk_full(path, obj):
+        if path.name == "meta.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, obj)
+    monkeypatch.setattr(training, "atomic_write_json", disk_full)
+    fake_ls.annotate(200, "2")
+    with pytest.raises(OSError, match="No space left"):
+        run_training_job(1, settings=settings)
+    store = ProjectStore(settings.model_dir, 1)
+    assert store.current_version() == first and store.list_versions() == [first]
+    assert not list(store.root.glob(".tmp-*"))                        # nothing half-written left
+    assert fake_ls.projects[1]["model_version"] == first
+    monkeypatch.setattr(training, "atomic_write_json", real)
+    assert run_training_job(1, settings=settings)["status"] == "trained"    # and the next job works
