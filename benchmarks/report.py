@@ -28,7 +28,7 @@ from _results import RESULTS, code_version  # noqa: E402
 # name: (script, arguments of the full run, arguments of the --quick run)
 BENCHMARKS = {
     "vog_cost": ("bench_vog_cost.py", [], ["--8px-only", "--epochs", "4"]),
-    "detection": ("bench_detection.py", ["--full"], ["--seeds", "0", "--epochs", "10"]),
+    "detection": ("bench_detection.py", ["--full", "--hard"], ["--seeds", "0", "--epochs", "10"]),
     "budget": ("bench_budget.py", ["--full"], ["--seeds", "0", "--rounds", "2", "--epochs", "10"]),
     "scale": ("bench_scale.py", [], ["--sizes", "1000"]),
     "backend": ("bench_backend.py", ["--no-label-studio"], ["--no-label-studio", "--repeats", "20"]),
