@@ -63,6 +63,7 @@ from selection import metrics, rank  # noqa: E402
 from selection import scores as scores_mod  # noqa: E402
 
 SECTION_MAIN = "Engine: detection of wrong labels"
+SECTION_HARD = "Engine: detection in the hardest cases (long-tailed pair-flip 30%, step 10:1 symmetric 60%)"
 SECTION_TARGETS = "Engine: targets at 40% symmetric noise, long-tailed ratio 20"
 
 DETECTORS = [  # (key, label in the table)
@@ -413,7 +414,8 @@ def main(argv=None) -> int:
             main_body = (f"**Partial: {index + 1} of {len(grid)} settings finished when this was written.**\n\n"
                          + main_body)
         if not args.no_write and (done or args.full or args.hard):
-            replace_section(SECTION_MAIN, main_body)
+            # --hard alone keeps the --full grid's section and writes its own
+            replace_section(SECTION_HARD if args.hard and not args.full else SECTION_MAIN, main_body)
             if target_body:
                 replace_section(SECTION_TARGETS, target_body)
     print(main_body)
