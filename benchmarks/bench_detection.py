@@ -293,7 +293,7 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
         provenance(), "",
         f"Digits, long-tailed ratio 20 (class counts {first['class_counts']}, {first['n']} training samples), "
         f"seeds {list(seeds)}, {args.epochs} epochs, default EngineConfig otherwise (small CNN at 8 px, "
-        f"Tk 10, W 5, mix 0.2, VoG from the eval pass, class-balanced selection with per-label forget rates "
+        f"Tk 10, W 5, mix 0.2, VoG snapshot from the training pass (vog_source=\"train_pass\"), class-balanced selection with per-label forget rates "
         f"estimated, rarity_weight 0.5), cleanlab CV: {args.folds} folds. "
         "Mean ± std over seeds.", "",
         "### AUROC for detecting wrong labels (higher is better)", "",
