@@ -5,13 +5,13 @@ import numpy as np
 
 
 def load_case(*, seed: int, noise_rate: float = 0.4, noise: str = "symmetric", imbalance_ratio: float = 20.0,
-              test_fraction: float = 0.25):
+              imbalance: str = "long_tailed", test_fraction: float = 0.25):
     """(train, test) LabelledImages of digits exactly as selection.simulate builds them for these options."""
     from selection import simulate
 
     args = simulate.build_parser().parse_args([
         "--out", "unused", "--seed", str(seed), "--noise-rate", str(noise_rate), "--noise", noise,
-        "--imbalance-ratio", str(imbalance_ratio), "--test-fraction", str(test_fraction)])
+        "--imbalance-ratio", str(imbalance_ratio), "--imbalance", imbalance, "--test-fraction", str(test_fraction)])
     return simulate.load_case(args)
 
 

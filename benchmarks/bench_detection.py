@@ -2,6 +2,7 @@
 
     python benchmarks/bench_detection.py           # 40% symmetric noise, 3 seeds (~2-3 min on 2 cores)
     python benchmarks/bench_detection.py --full    # noise 0.2/0.4/0.6 x symmetric/class_dependent x 3 seeds
+    python benchmarks/bench_detection.py --hard    # long-tailed 30% pair-flip and step (ratio 10) 60% symmetric
 
 Data: digits, long-tailed ratio 20, exactly as ``python -m selection.simulate``
 builds it (25% of each class held out as a clean test set first, unused here),
@@ -62,6 +63,7 @@ from selection import metrics, rank  # noqa: E402
 from selection import scores as scores_mod  # noqa: E402
 
 SECTION_MAIN = "Engine: detection of wrong labels"
+SECTION_HARD = "Engine: detection in the hardest cases (long-tailed pair-flip 30%, step 10:1 symmetric 60%)"
 SECTION_TARGETS = "Engine: targets at 40% symmetric noise, long-tailed ratio 20"
 
 DETECTORS = [  # (key, label in the table)
@@ -134,8 +136,10 @@ def to_80(score, wrong):
     return metrics.relabels_to_find(order, wrong, 0.8)
 
 
-def run_case(*, seed: int, noise_rate: float, noise: str, epochs: int, folds: int, with_cleanlab: bool) -> dict:
-    train, _ = load_case(seed=seed, noise_rate=noise_rate, noise=noise)
+def run_case(*, seed: int, noise_rate: float, noise: str, imbalance: str, epochs: int, folds: int,
+             with_cleanlab: bool) -> dict:
+    train, _ = load_case(seed=seed, noise_rate=noise_rate, noise=noise, imbalance=imbalance,
+                         imbalance_ratio=HARD_STEP_RATIO if imbalance == "step" else 20.0)
     labels, truth = train.labels, train.labels_true
     wrong = labels != truth
     num_classes = len(train.class_names)
@@ -232,14 +236,25 @@ def first_run(results):
     return next(iter(results.values()))[0]
 
 
-def settings(full: bool):
-    if not full:
-        return [("symmetric", 0.4)]
-    return [(kind, rate) for kind in ("symmetric", "class_dependent") for rate in (0.2, 0.4, 0.6)]
+HARD_STEP_RATIO = 10.0  # step imbalance: half the classes at a tenth of the size
+# The hardest cases of issue 9: long-tailed 20:1 with 30% pair-flip noise, step 10:1 with 60% symmetric noise.
+HARD_SETTINGS = [("class_dependent", 0.3, "long_tailed"), ("symmetric", 0.6, "step")]
 
 
-def setting_name(kind, rate):
-    return f"{kind} {int(round(rate * 100))}%"
+def settings(full: bool, hard: bool = False):
+    """(noise kind, rate, imbalance kind) of every setting to run, the 40% symmetric target first."""
+    grid = [("symmetric", 0.4, "long_tailed")]
+    if full:
+        grid += [(kind, rate, "long_tailed") for kind in ("symmetric", "class_dependent") for rate in (0.2, 0.4, 0.6)
+                 if (kind, rate) != ("symmetric", 0.4)]
+    if hard:
+        grid += HARD_SETTINGS
+    return grid
+
+
+def setting_name(kind, rate, imbalance="long_tailed"):
+    name = f"{kind} {int(round(rate * 100))}%"
+    return name if imbalance == "long_tailed" else f"{name}, {imbalance} {HARD_STEP_RATIO:g}:1"
 
 
 def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str]:
@@ -278,7 +293,7 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
         provenance(), "",
         f"Digits, long-tailed ratio 20 (class counts {first['class_counts']}, {first['n']} training samples), "
         f"seeds {list(seeds)}, {args.epochs} epochs, default EngineConfig otherwise (small CNN at 8 px, "
-        f"Tk 10, W 5, mix 0.2, VoG from the eval pass, class-balanced selection with per-label forget rates "
+        f"Tk 10, W 5, mix 0.2, VoG snapshot from the training pass (vog_source=\"train_pass\"), class-balanced selection with per-label forget rates "
         f"estimated, rarity_weight 0.5), cleanlab CV: {args.folds} folds. "
         "Mean ± std over seeds.", "",
         "### AUROC for detecting wrong labels (higher is better)", "",
@@ -355,6 +370,8 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="noise 0.2/0.4/0.6, symmetric and class_dependent")
+    parser.add_argument("--hard", action="store_true",
+                        help="also long-tailed 30%% pair-flip and step 10:1 60%% symmetric")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--folds", type=int, default=5, help="K of the cross-validation for cleanlab")
@@ -372,16 +389,16 @@ def main(argv=None) -> int:
     import logging
     logging.basicConfig(level=logging.WARNING)
     results = {}
-    grid = settings(args.full)
-    # The target setting first; with --full, every finished setting is written at once, so that an
-    # interrupted run still leaves its completed settings (marked as partial) in RESULTS.md.
-    grid.sort(key=lambda g: g != ("symmetric", 0.4))
-    for index, (kind, rate) in enumerate(grid):
-        name = setting_name(kind, rate)
+    # The target setting first; with --full or --hard, every finished setting is written at once, so that
+    # an interrupted run still leaves its completed settings (marked as partial) in RESULTS.md.
+    grid = settings(args.full, args.hard)
+    for index, (kind, rate, imbalance) in enumerate(grid):
+        name = setting_name(kind, rate, imbalance)
         results[name] = []
         for seed in args.seeds:
             t0 = time.perf_counter()
-            results[name].append(run_case(seed=seed, noise_rate=rate, noise=kind, epochs=args.epochs,
+            results[name].append(run_case(seed=seed, noise_rate=rate, noise=kind, imbalance=imbalance,
+                                          epochs=args.epochs,
                                           folds=args.folds, with_cleanlab=with_cleanlab))
             r = results[name][-1]
             print(f"{name} seed {seed}: {time.perf_counter() - t0:.0f}s; AUROC priority {r['auroc']['priority']:.3f}"
@@ -396,8 +413,9 @@ def main(argv=None) -> int:
         if not done:
             main_body = (f"**Partial: {index + 1} of {len(grid)} settings finished when this was written.**\n\n"
                          + main_body)
-        if not args.no_write and (done or args.full):
-            replace_section(SECTION_MAIN, main_body)
+        if not args.no_write and (done or args.full or args.hard):
+            # --hard alone keeps the --full grid's section and writes its own
+            replace_section(SECTION_HARD if args.hard and not args.full else SECTION_MAIN, main_body)
             if target_body:
                 replace_section(SECTION_TARGETS, target_body)
     print(main_body)

@@ -10,8 +10,9 @@ modes interleaved in a rotating order so that load on the shared machine hits th
 alike:
 
 * ``none``: train_one_epoch only (the cost of Co-teaching itself);
-* ``last_layer``: train_one_epoch + record_vog_snapshot (the default, analytic VoG);
-* ``last_layer, train_pass``: EngineConfig(vog_source="train_pass"): train_one_epoch(record_vog=True)
+* ``last_layer``: EngineConfig(vog_source="eval_pass"): train_one_epoch + record_vog_snapshot (analytic VoG
+  from an extra eval-mode pass);
+* ``last_layer, train_pass``: the default, EngineConfig(vog_source="train_pass"): train_one_epoch(record_vog=True)
   writes p_y and h of the training forward pass into the buffers, then ``buffer.commit()``
   (no extra pass; its cost is inside train_one_epoch, so read "epoch vs no VoG" for it);
 * ``input_gradient``: train_one_epoch + record_vog_snapshot (VoG of Agarwal et al.).

@@ -41,8 +41,8 @@ class EngineConfig:
     vog_window: int = 5                 # W: snapshots per sample in the VoG ring buffer
     mix_ratio: float = 0.2              # share of the kept samples chosen by smallest VoG after Tk
     vog_method: str = "last_layer"      # "last_layer" (analytic, no backward) | "input_gradient" (Agarwal et al.)
-    vog_source: str = "eval_pass"       # "eval_pass": a forward pass in eval mode on un-augmented images per epoch;
-                                        # "train_pass": reuse the training forward (no extra pass; augmented, train mode)
+    vog_source: str = "train_pass"      # "train_pass": reuse the training forward (no extra pass; augmented, train mode);
+                                        # "eval_pass": an extra eval-mode forward on un-augmented images per epoch
     selection: str = "class_balanced"   # "class_balanced" (a quota per label) | "global" (the original)
     augment: str = "shift"              # "none" | "shift" | "shift_flip" (flips are wrong for digits)
     # Phase 2: fine-tuning on the trusted set
@@ -64,7 +64,8 @@ class EngineConfig:
             (self.vog_method in VOG_METHODS, f"vog_method must be one of {VOG_METHODS}"),
             (self.vog_source in VOG_SOURCES, f"vog_source must be one of {VOG_SOURCES}"),
             (self.vog_source == "eval_pass" or self.vog_method == "last_layer",
-             "vog_source 'train_pass' needs vog_method 'last_layer' (input gradients need their own pass)"),
+             "vog_method 'input_gradient' needs vog_source='eval_pass' (input gradients need their own pass; "
+             "the default vog_source is 'train_pass')"),
             (self.selection in SELECTION_MODES, f"selection must be one of {SELECTION_MODES}"),
             (self.augment in AUGMENTATIONS, f"augment must be one of {AUGMENTATIONS}"),
             (self.epochs >= 1, "epochs must be >= 1"),
