@@ -32,6 +32,7 @@ BENCHMARKS = {
     "budget": ("bench_budget.py", ["--full"], ["--seeds", "0", "--rounds", "2", "--epochs", "10"]),
     "scale": ("bench_scale.py", [], ["--sizes", "1000"]),
     "backend": ("bench_backend.py", ["--no-label-studio"], ["--no-label-studio", "--repeats", "20"]),
+    "webhook": ("bench_webhook.py", [], ["--rounds", "2"]),
 }
 
 STAMP_START = "<!-- report: start -->"

@@ -207,7 +207,8 @@ class Stack:
         env = dict(os.environ, LABEL_STUDIO_URL=self.ls_url, LABEL_STUDIO_API_KEY=api_key,
                    REDIS_URL=self.redis_url, RQ_QUEUE_NAME="alr-training", ALR_USE_REDIS="true",
                    MODEL_DIR=str(self.workdir / "models"), PYTHONPATH=str(REPO),
-                   BASIC_AUTH_USER=self.backend_user, BASIC_AUTH_PASS=self.backend_password, **(extra_env or {}))
+                   BASIC_AUTH_USER=self.backend_user, BASIC_AUTH_PASS=self.backend_password)
+        env.update(extra_env or {})         # may point LABEL_STUDIO_URL elsewhere (a proxy in the fault tests)
         self.backend_env = env
         proc = self._spawn("backend", [self.python, str(REPO / "ml_backend" / "_wsgi.py"), "--host",
                                        "127.0.0.1", "--port", str(self.backend_port)], env=env)

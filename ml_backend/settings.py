@@ -56,6 +56,7 @@ class Settings:
     predictions_batch_size: int = 500     # predictions per bulk import request
     preselect: str = "suggested"          # label pre-selected in the labelling view: suggested | given | none
     set_sampling: bool = True             # make the project's sampling "Uncertainty sampling" (review order)
+    create_view: bool = False             # a "Suspects first" Data Manager tab, ordered by score, placed first
     review_overlap: bool = False          # label_source=annotation: allow 2 annotations per task (review stream)
     keep_prediction_versions: int = 1     # this backend's versions whose predictions stay in LS; 0 = all
                                           # (not read from the environment yet)
@@ -168,6 +169,7 @@ _ENV = {
     "preselect": ("ALR_PRESELECT", str),
     "set_sampling": ("ALR_SET_SAMPLING", _bool),
     "review_overlap": ("ALR_REVIEW_OVERLAP", _bool),
+    "create_view": ("ALR_CREATE_VIEW", _bool),
     "min_labelled_tasks": ("ALR_MIN_LABELLED_TASKS", int),
     "predictions_batch_size": ("ALR_PREDICTIONS_BATCH_SIZE", int),
     "image_hosts": ("ALR_IMAGE_HOSTS", lambda v: tuple(h.strip() for h in v.split(",") if h.strip())),

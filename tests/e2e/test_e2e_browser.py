@@ -233,3 +233,76 @@ def test_two_reviewers_at_the_same_moment_get_different_suspects(review):
     print("served at the same moment:", served, "ranks:", {n: ranked.index(t) for n, t in served.items()})
     assert len(set(served.values())) == 2
     assert all(tid in ranked[:TOP] for tid in served.values())
+
+
+@pytest.fixture(scope="module")
+def annotation_project(label_studio, admin_pat, tmp_path_factory):
+    """A project whose given labels are annotations (the usual existing project), every task
+    labelled, its backend run with ALR_LABEL_SOURCE=annotation and ALR_REVIEW_OVERLAP=true."""
+    pytest.importorskip("selenium")
+    workdir = tmp_path_factory.mktemp("annotation-labels")
+    stack = backend_stack(label_studio, workdir)
+    ls = ls_api(label_studio)
+    try:
+        stack.start_redis()
+        stack.start_backend(admin_pat, {**BACKEND_ENV, "ALR_LABEL_SOURCE": "annotation", "ALR_REVIEW_OVERLAP": "true",
+                                        "ALR_CREATE_VIEW": "true"})
+        data = make_digits_project(n_images=120, noise_rate=0.2, seed=5)
+        project_id = ls.create_project("Labels as annotations")
+        mapping = ls.upload_images(project_id, data, label_field="label_at_import")
+        for tid, i in mapping.items():            # the given labels, as an earlier annotation team made them
+            ls.call("POST", f"/api/tasks/{tid}/annotations", json={"result": [
+                {"from_name": "label", "to_name": "image", "type": "choices",
+                 "value": {"choices": [str(data.given[i])]}}], "was_cancelled": False})
+        labelled_before = sum(t["is_labeled"] for t in ls.tasks(project_id))
+        ls.connect_backend(project_id, stack.backend_url, stack.backend_auth)
+        ls.wait_model_version(project_id, timeout=400)
+        wait_idle(stack, project_id)
+        yield {"stack": stack, "ls": ls, "project": project_id, "workdir": workdir,
+               "truth": {tid: (data.given[i], data.truth[i]) for tid, i in mapping.items()},
+               "labelled_before": labelled_before}
+    finally:
+        stack.stop()
+        print_logs(stack)
+
+
+def test_a_project_labelled_by_annotations_is_reviewed_from_the_suspects_tab_and_the_review_is_trusted(
+        annotation_project, review):
+    """Annotations per task raised to 2 (Label Studio recomputes is_labeled), the "Suspects first"
+    tab first: its "Label Tasks As Displayed" (the request the UI sends, from the reviewer's own
+    browser session) serves the top suspect; the reviewer's annotation, made in the labelling
+    view, is trusted by the retrain."""
+    ls, pid, truth = annotation_project["ls"], annotation_project["project"], annotation_project["truth"]
+    project = ls.project(pid)
+    assert annotation_project["labelled_before"] == len(truth)
+    assert project["maximum_annotations"] == 2 and project["sampling"] == "Uncertainty sampling"
+    assert not any(t["is_labeled"] for t in ls.tasks(pid))
+    tabs = ls.call("GET", "/api/dm/views/", params={"project": pid})
+    assert tabs[0]["data"]["title"] == "Suspects first" and tabs[0]["data"]["ordering"] == ["tasks:predictions_score"]
+    ranked = suspects(ls, pid)
+    version = project["model_version"]
+    reviewer = Reviewer(ls.url, "annotations", review["shots"])
+    review["reviewers"].append(reviewer)
+    reviewer.sign_up(review["invite"])
+    reviewer.driver.get(f"{ls.url}/projects/{pid}/data?tab={tabs[0]['id']}")
+    served = reviewer.driver.execute_async_script("""
+        const [pid, ordering, done] = arguments;
+        const csrf = (document.cookie.match(/csrftoken=([^;]+)/) || [])[1];
+        fetch(`/api/dm/actions?id=next_task&project=${pid}`, {method: "POST", credentials: "same-origin",
+              headers: {"Content-Type": "application/json", "X-CSRFToken": csrf},
+              body: JSON.stringify({project: pid, ordering: ordering, filters: {conjunction: "and", items: []}})})
+          .then(r => r.json()).then(body => done(body.id)).catch(e => done(String(e)));""",
+        pid, tabs[0]["data"]["ordering"])
+    given, true = truth[served]
+    print(f"annotation-labelled project: served {served} (rank {ranked.index(served)}; given {given}, true {true})")
+    assert served == ranked[0] and given != true
+    reviewer.driver.get(f"{ls.url}/projects/{pid}/data?tab={tabs[0]['id']}&task={served}")
+    assert reviewer.task_on_screen() == served
+    reviewer.screenshot("annotation-project-suspect")
+    reviewer.choose_and_submit(str(true))
+    ls.wait_model_version(pid, not_in={version}, timeout=400)
+    wait_idle(annotation_project["stack"], pid)
+    new = ls.project(pid)["model_version"]
+    meta = json.loads((Path(annotation_project["workdir"]) / "models" / f"project-{pid}" / "versions" / new
+                       / "meta.json").read_text())
+    assert served in meta["trusted_task_ids"] and meta["trained_task_labels"][str(served)] == true

@@ -1,0 +1,140 @@
+"""Label Studio failing while a version's predictions are pushed: the real server behind a
+fault-injecting proxy (standard library) that the backend and its worker talk to.
+
+The push answers 500 from its second batch on: the job's retries fail, the half-pushed
+predictions are deleted, the project keeps serving the previous version.  When Label Studio
+heals, the project is trained and published again without a new event (the job left its project
+dirty; the web app's watchdog queues it), with exactly one prediction per task.
+"""
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from ml_backend.demo import build_demo_project, make_digits_project
+from ml_backend.store import ProjectStore
+from tests.e2e.conftest import backend_stack, current_predictions, ls_api, print_logs, wait_idle
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+
+class FaultProxy:
+    """Forwards every request to Label Studio; while ``failing``, answers 500 to prediction
+    imports after the first ``pass_batches`` of each push."""
+
+    def __init__(self, target: str):
+        self.target = urlparse(target)
+        self.failing = False
+        self.pass_batches = 1
+        self.imports_seen = 0
+        self.refused = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "POST" and "/import/predictions" in self.path:
+                    outer.imports_seen += 1
+                    if outer.failing and outer.imports_seen > outer.pass_batches:
+                        outer.refused += 1
+                        self.send_response(500)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                conn = http.client.HTTPConnection(outer.target.hostname, outer.target.port, timeout=120)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def faulty(label_studio, admin_pat, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("faults")
+    stack = backend_stack(label_studio, workdir)
+    proxy = FaultProxy(label_studio.ls_url)
+    ls = ls_api(label_studio)
+    try:
+        stack.start_redis()
+        stack.start_backend(admin_pat, {"ALR_IMAGE_SIZE": "8", "ALR_CHANNELS": "1", "ALR_EPOCHS": "15",
+                                        "ALR_FINETUNE_EPOCHS": "2", "ALR_FORGET_RATE": "0.2",
+                                        "ALR_PREDICTIONS_BATCH_SIZE": "40", "ALR_WATCHDOG_SECONDS": "2",
+                                        "LABEL_STUDIO_URL": proxy.url})
+        data = make_digits_project(n_images=100, noise_rate=0.2, seed=7)
+        project_id, _, mapping = build_demo_project(stack, ls, data, title="Faults")
+        ls.wait_model_version(project_id, timeout=400)
+        wait_idle(stack, project_id)
+        yield {"stack": stack, "ls": ls, "project": project_id, "proxy": proxy, "workdir": workdir,
+               "truth": {tid: (data.given[i], data.truth[i]) for tid, i in mapping.items()}}
+    finally:
+        stack.stop()
+        proxy.close()
+        print_logs(stack)
+
+
+def test_a_failed_push_keeps_the_previous_version_and_the_next_push_completes(faulty):
+    ls, pid, proxy, stack = faulty["ls"], faulty["project"], faulty["proxy"], faulty["stack"]
+    store = ProjectStore(Path(faulty["workdir"]) / "models", pid)
+    before = ls.project(pid)["model_version"]
+    assert store.current_version() == before
+    tid, (given, true) = next(iter(faulty["truth"].items()))
+    proxy.imports_seen, proxy.failing = 0, True
+    t0 = time.monotonic()
+    ls.call("POST", f"/api/tasks/{tid}/annotations", json={"result": [
+        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [str(true)]}}],
+        "was_cancelled": False})
+    worker_log = Path(faulty["workdir"]) / "worker.log"
+    deadline = time.monotonic() + 300
+    while "publishing" not in worker_log.read_text() or proxy.refused < 3:
+        assert time.monotonic() < deadline, "the push never failed"
+        time.sleep(0.5)
+    time.sleep(2)
+    # all or nothing: Label Studio still serves the previous version, whole, and no half version
+    assert ls.project(pid)["model_version"] == before and store.current_version() == before
+    versions = ls.call("GET", f"/api/projects/{pid}/model-versions/")
+    assert set(v for v in versions if v.startswith("alr-")) <= {before}, versions
+    assert set(current_predictions(ls, pid, before)) == set(faulty["truth"])
+
+    proxy.failing = False                      # Label Studio heals: no new event is sent
+    healed = time.monotonic()
+    new = ls.wait_model_version(pid, not_in={before}, timeout=300)
+    wait_idle(stack, pid)
+    new = ls.project(pid)["model_version"]
+    print(f"push failed {proxy.refused} times; published {time.monotonic() - healed:.0f}s after Label Studio "
+          f"healed ({time.monotonic() - t0:.0f}s after the annotation)")
+    per_task = Counter(p["task"] for p in ls.predictions(pid) if p["model_version"] == new)
+    assert set(per_task) == set(faulty["truth"]) and set(per_task.values()) == {1}
+    meta = json.loads((store.version_dir(new) / "meta.json").read_text())
+    assert tid in meta["trusted_task_ids"] and meta["trained_task_labels"][str(tid)] == true
+    assert store.current_version() == new
