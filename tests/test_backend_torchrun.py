@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -99,15 +100,19 @@ def test_torchrun_job_with_two_gloo_ranks_publishes_sane_records(digits_ls, monk
     assert results["items"]["1000"]["trusted"] and results["items"]["1000"]["score"] == 1.0
 
 
-def test_torchrun_failure_fails_the_job_with_its_output(digits_ls, monkeypatch):
+def test_torchrun_failure_fails_the_job_with_its_output(digits_ls, monkeypatch, tmp_path):
     first = run_training_job(1, settings=Settings.from_env())["model_version"]     # in-process
     store = ProjectStore(Settings.from_env().model_dir, 1)
-    (store.version_dir(first) / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    crashing = tmp_path / "python"          # the job launches torchrun with this interpreter: a rank that dies
+    crashing.write_text("#!/bin/sh\necho 'Traceback (most recent call last):'\n"
+                        "echo 'RuntimeError: rank 0 lost its GPU' >&2\nexit 3\n")
+    crashing.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(crashing))
     digits_ls.annotate(1000, "9")
     monkeypatch.setenv("ALR_TRAIN_PROCESSES", "2")
     with pytest.raises(TrainingProcessError, match="exit code") as err:
-        run_training_job(1, settings=Settings.from_env())          # Phase 2 cannot load it
-    assert "Traceback" in str(err.value) or "Error" in str(err.value)
+        run_training_job(1, settings=Settings.from_env())
+    assert "rank 0 lost its GPU" in str(err.value)
     assert store.current_version() == first and len(store.list_versions()) == 1   # nothing half-written
 
 
