@@ -14,10 +14,10 @@ import threading
 import time
 
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import Forbidden, HTTPException
+from werkzeug.exceptions import Forbidden, HTTPException, NotFound
 
 from .labelconfig import LabelConfigError, parse_label_config
-from .ls_client import LabelStudioClient
+from .ls_client import LabelStudioClient, LabelStudioError
 from .model import NoiseRobustImageClassifier, parse_project_id
 from .reconcile import Reconciler
 from .review import ensure_review_order
@@ -68,6 +68,8 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
     def check_project(project_id: int | None) -> None:
         if project_id is not None and not settings.project_allowed(project_id):
             raise Forbidden(f"project {project_id} is not served by this backend (ALR_PROJECTS)")
+
+    readable = ReadableProjects(settings)
 
     def get_model(project, label_config, **kwargs) -> NoiseRobustImageClassifier:
         check_project(parse_project_id(project))
@@ -181,6 +183,8 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
         if project_id is None:
             raise _BadRequest(f"{action}: payload has no project id")
         check_project(project_id)
+        if not readable(project_id):
+            raise NotFound(f"project {project_id} cannot be read with LABEL_STUDIO_API_KEY: no job queued")
         skip = _skip_reason(action, data, project_id, settings)
         if skip:
             return jsonify({"status": "ignored", "action": action, "reason": skip}), 200
@@ -263,6 +267,37 @@ class _BadRequest(ValueError):
 
 
 OPEN_ROUTES = frozenset({"/health", "/"})
+
+
+class ReadableProjects:
+    """Whether the API key can read a project (GET /api/projects/<id>), remembered for
+    ``ttl`` seconds so that a burst of webhooks costs one call.  Only a clear 403/404 says no:
+    when Label Studio cannot be asked, the event is let through (a job fails later, loudly,
+    rather than an annotation being dropped)."""
+
+    def __init__(self, settings: Settings, *, ttl: float = 300.0):
+        self.settings, self.ttl = settings, ttl
+        self._known: dict[int, tuple[bool, float]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, project_id: int) -> bool:
+        if not self.settings.label_studio_api_key:
+            return True
+        with self._lock:
+            known = self._known.get(project_id)
+        if known is not None and time.monotonic() - known[1] < self.ttl:
+            return known[0]
+        client = LabelStudioClient(self.settings.label_studio_url, self.settings.label_studio_api_key, timeout=2)
+        try:
+            client.get_project(project_id)
+            answer = True
+        except LabelStudioError as exc:
+            if exc.status not in (403, 404):
+                return True
+            answer = False
+        with self._lock:
+            self._known[project_id] = (answer, time.monotonic())
+        return answer
 
 
 def credentials_ok(authorization, settings: Settings) -> bool:

@@ -315,3 +315,15 @@ def test_no_space_left_while_saving_fails_the_job_and_leaves_the_served_version_
     assert fake_ls.projects[1]["model_version"] == first
     monkeypatch.setattr(training, "atomic_write_json", real)
     assert run_training_job(1, settings=settings)["status"] == "trained"    # and the next job works
+
+
+def test_webhook_for_a_project_the_key_cannot_read_is_404_and_queues_nothing(fake_ls):
+    from ml_backend.training_queue import ThreadTrainingQueue
+
+    jobs = []
+    queue = ThreadTrainingQueue(lambda project, reason: jobs.append(project))
+    client = create_app(Settings.from_env(), training_queue=queue).test_client()
+    r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 999}})
+    assert r.status_code == 404 and "cannot be read" in r.get_json()["error"]
+    assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).status_code == 201
+    assert queue.wait_idle(10) and jobs == [1]
