@@ -12,6 +12,14 @@ The rule (documented in ml_backend/README.md and tested in tests/test_backend_la
 * Label source ``annotation``: the noisy label is the FIRST usable annotation (the
   imported one). Any later usable annotation makes the task trusted; the most recently
   updated of those later annotations wins.
+* Teams: annotations marked ground truth in Label Studio, and annotations by the experts the
+  operator names (ALR_EXPERT_USER_IDS, ALR_EXPERT_EMAILS; ``completed_by`` is a user id) are
+  TRUSTED whatever the label source; the most recently updated of them wins.  When experts are
+  named, the other annotators are a team, not experts: with label source ``annotation`` the noisy
+  label is the MAJORITY of their choices (one vote per annotator, their latest annotation; a tie
+  goes to the label chosen earliest) and none of them makes the task trusted.  The share of votes
+  for that label (``agreement``) and the number of annotators go into the prediction's meta.
+  With no experts named, the two single-annotator rules above apply unchanged.
 * A trusted label overrides the noisy label; trusted tasks are never discarded by the
   noise-robust selection (the engine's ``trusted_mask``).
 * A task with neither a usable noisy nor a trusted label is not trained on; it is still
@@ -34,6 +42,8 @@ class TaskLabels:
     noisy: int | None         # class index of the noisy (given) label, None if absent/invalid
     trusted: int | None       # class index of the annotators' label, None if not trusted
     invalid_labels: tuple[str, ...] = ()   # label values not in the config (logged once)
+    agreement: float | None = None         # team rule: share of the annotators' votes for the noisy label
+    annotators: int = 0                    # team rule: how many (non-expert) annotators voted
 
     @property
     def label(self) -> int | None:
@@ -80,9 +90,32 @@ def _from_first_annotation(task, usable, info, label_field, invalid):
 _SOURCES = {"data": _from_data_field, "annotation": _from_first_annotation}
 
 
+def _annotator(annotation: dict):
+    who = annotation.get("completed_by")
+    return who.get("id") if isinstance(who, dict) else who
+
+
+def _team_majority(usable: list[tuple[dict, int]]) -> tuple[int | None, float | None, int]:
+    """(majority label, agreement, voters): one vote per annotator (their latest annotation);
+    a tie goes to the label whose first vote came earliest.  ``usable`` is in creation order."""
+    latest: dict = {}
+    for annotation, idx in usable:
+        who = _annotator(annotation)
+        if who not in latest or _order_key(annotation, "updated_at") >= _order_key(latest[who][0], "updated_at"):
+            latest[who] = (annotation, idx)
+    if not latest:
+        return None, None, 0
+    votes: dict[int, list] = {}
+    for annotation, idx in latest.values():
+        votes.setdefault(idx, []).append(_order_key(annotation, "created_at"))
+    label = min(votes, key=lambda k: (-len(votes[k]), min(votes[k])))
+    return label, len(votes[label]) / len(latest), len(latest)
+
+
 def extract_task_labels(task: dict, info: LabelConfigInfo, *, label_source: str = "data",
-                        label_field: str = "label") -> TaskLabels:
-    """Noisy and trusted label of one task (the rule is in the module docstring)."""
+                        label_field: str = "label", experts: frozenset = frozenset()) -> TaskLabels:
+    """Noisy and trusted label of one task (the rule is in the module docstring);
+    ``experts``: the user ids whose annotations are trusted."""
     invalid: list[str] = []
     usable: list[tuple[dict, int]] = []
     for annotation in task.get("annotations") or []:
@@ -100,21 +133,34 @@ def extract_task_labels(task: dict, info: LabelConfigInfo, *, label_source: str 
         source = _SOURCES[label_source]
     except KeyError:
         raise ValueError(f"label_source must be one of {sorted(_SOURCES)}, got {label_source!r}") from None
-    noisy, trusted_pool = source(task, usable, info, label_field, invalid)
+    authoritative = [(a, i) for a, i in usable if a.get("ground_truth") or _annotator(a) in experts]
+    agreement, voters = None, 0
+    if experts:
+        team = [(a, i) for a, i in usable if (a, i) not in authoritative]
+        if label_source == "annotation":
+            noisy, agreement, voters = _team_majority(team)
+        else:
+            noisy, _ = source(task, [], info, label_field, invalid)
+        trusted_pool = authoritative
+    else:
+        noisy, trusted_pool = source(task, [p for p in usable if p not in authoritative], info, label_field, invalid)
+        trusted_pool = list(trusted_pool) + authoritative
+        if label_source == "annotation" and noisy is None and authoritative:
+            noisy = authoritative[0][1]
     trusted = None
     if trusted_pool:
         trusted = max(trusted_pool, key=lambda pair: _order_key(pair[0], "updated_at"))[1]
-    return TaskLabels(task_id=int(task["id"]), noisy=noisy, trusted=trusted,
-                      invalid_labels=tuple(invalid))
+    return TaskLabels(task_id=int(task["id"]), noisy=noisy, trusted=trusted, invalid_labels=tuple(invalid),
+                      agreement=agreement, annotators=voters)
 
 
 def extract_labels(tasks: Iterable[dict], info: LabelConfigInfo, *, label_source: str = "data",
-                   label_field: str = "label") -> list[TaskLabels]:
+                   label_field: str = "label", experts: frozenset = frozenset()) -> list[TaskLabels]:
     """:func:`extract_task_labels` for every task; logs labels that are not in the config."""
     out = []
     bad: dict[str, int] = {}
     for task in tasks:
-        tl = extract_task_labels(task, info, label_source=label_source, label_field=label_field)
+        tl = extract_task_labels(task, info, label_source=label_source, label_field=label_field, experts=experts)
         for raw in tl.invalid_labels:
             bad[raw] = bad.get(raw, 0) + 1
         out.append(tl)

@@ -127,6 +127,7 @@ class NoiseRobustImageClassifier(LabelStudioMLBase):
                                          channels=self.settings.channels))
                 pos_ok.append(i)
                 given[tid] = extract_task_labels(task, self.info, label_source=self.settings.label_source,
+                                                 experts=self.settings.expert_user_ids,
                                                  label_field=self.settings.label_field).noisy
             except (ImageError, KeyError, TypeError, ValueError) as exc:
                 logger.warning("/predict: task %s skipped: %s", task.get("id"), exc)

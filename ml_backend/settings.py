@@ -51,6 +51,8 @@ class Settings:
     train_processes: int = 0              # torchrun processes; 0 = gpus_per_job (> 1 on a CPU: gloo ranks)
     label_source: str = "data"            # "data" (task data field) or "annotation" (first annotation)
     label_field: str = "label"            # task data field with the noisy label (label_source=data)
+    expert_user_ids: frozenset[int] = frozenset()     # ALR_EXPERT_USER_IDS: their annotations are trusted
+    expert_emails: frozenset[str] = frozenset()       # ALR_EXPERT_EMAILS: the same, by e-mail
     relabel_budget: int = 0               # trusted relabels after which retraining stops; 0 = unlimited
     min_labelled_tasks: int = 10          # fewer usable labelled images: the job does not train
     predictions_batch_size: int = 500     # predictions per bulk import request
@@ -165,6 +167,8 @@ _ENV = {
     "train_processes": ("ALR_TRAIN_PROCESSES", int),
     "label_source": ("ALR_LABEL_SOURCE", str),
     "label_field": ("ALR_LABEL_FIELD", str),
+    "expert_user_ids": ("ALR_EXPERT_USER_IDS", lambda v: frozenset(int(x) for x in v.replace(",", " ").split())),
+    "expert_emails": ("ALR_EXPERT_EMAILS", lambda v: frozenset(x.strip().lower() for x in v.split(",") if x.strip())),
     "relabel_budget": ("ALR_RELABEL_BUDGET", int),
     "preselect": ("ALR_PRESELECT", str),
     "set_sampling": ("ALR_SET_SAMPLING", _bool),

@@ -161,13 +161,30 @@ def _num(x) -> float | None:
     return None if math.isnan(x) or math.isinf(x) else x
 
 
+def expert_ids(client: LabelStudioClient, settings: Settings) -> frozenset[int]:
+    """The user ids whose annotations are trusted: ALR_EXPERT_USER_IDS plus the ids of the
+    ALR_EXPERT_EMAILS users (one GET /api/users/ per job); an unknown e-mail is logged."""
+    ids = set(settings.expert_user_ids)
+    if settings.expert_emails:
+        users = client.request("GET", "/api/users/") or []
+        by_email = {str(u.get("email", "")).lower(): int(u["id"]) for u in users if "id" in u}
+        missing = sorted(settings.expert_emails - set(by_email))
+        if missing:
+            logger.warning("ALR_EXPERT_EMAILS names no Label Studio user for %s: their annotations are not trusted",
+                           missing)
+        ids |= {by_email[e] for e in settings.expert_emails if e in by_email}
+    return frozenset(ids)
+
+
 def build_records(result, *, class_names: list[str], given: dict[int, int | None],
-                  trusted: dict[int, bool]) -> dict[int, dict]:
+                  trusted: dict[int, bool], agreement: dict[int, float | None] | None = None) -> dict[int, dict]:
     """Per-task records /predict answers from (JSON-ready), keyed by task id."""
     out = {}
+    agreement = agreement or {}
     for i, tid in enumerate(np.asarray(result.sample_ids).tolist()):
         g = given.get(int(tid))
         out[int(tid)] = {
+            "agreement": agreement.get(int(tid)),
             "suggested": class_names[int(result.predicted_labels[i])],
             "given": class_names[g] if g is not None else None,
             "trusted": bool(trusted.get(int(tid), False)),
@@ -208,7 +225,7 @@ def prediction_for(record: dict, info: LabelConfigInfo, version: str, *, presele
         "value": {"choices": [choice]},
         "meta": {"text": [text], "given_label": record["given"], "suggested_label": record["suggested"],
                  "prob_label_wrong": record["prob_label_wrong"], "loss": record["loss"],
-                 "vog": record["vog"], "trusted": record["trusted"]},
+                 "vog": record["vog"], "trusted": record["trusted"], "agreement": record.get("agreement")},
     }
     return {"result": [region], "score": record["score"], "model_version": version}
 
@@ -256,8 +273,9 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     project = client.get_project(p)
     info = parse_label_config(project.get("label_config"))
     tasks = list(client.iter_tasks(p))
+    experts = expert_ids(client, settings)
     labels = extract_labels(tasks, info, label_source=settings.label_source,
-                            label_field=settings.label_field)
+                            label_field=settings.label_field, experts=experts)
     n_trusted = sum(tl.is_trusted for tl in labels)
     logger.info("project %d: %d tasks, %d with a trusted label (reason: %s)", p, len(tasks),
                 n_trusted, reason or "-")
@@ -334,13 +352,15 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
                 progress_bar=False)                  # progress goes to job.meta and the log instead
         given = {int(ok_tasks[j]["id"]): ok_labels[j].noisy for j in range(len(ok_tasks))}
         trusted = {int(ok_tasks[j]["id"]): ok_labels[j].is_trusted for j in range(len(ok_tasks))}
-        records = build_records(result, class_names=list(info.class_names), given=given, trusted=trusted)
+        agreement = {int(ok_tasks[j]["id"]): ok_labels[j].agreement for j in range(len(ok_tasks))}
+        records = build_records(result, class_names=list(info.class_names), given=given, trusted=trusted,
+                                agreement=agreement)
         if other_pos:
             progress("score unlabelled", 0.0)
             scored = engine.score_images(tmp / "checkpoint.pt", images_at(other_pos), None)
             scored.sample_ids = np.array([int(ok_tasks[j]["id"]) for j in other_pos], dtype=np.int64)
             records.update(build_records(scored, class_names=list(info.class_names), given=given,
-                                         trusted=trusted))
+                                         trusted=trusted, agreement=agreement))
         atomic_write_json(tmp / "results.json", {
             "version": version, "project": p, "class_names": list(info.class_names),
             "items": {str(k): v for k, v in records.items()}})

@@ -54,6 +54,7 @@ class FakeLabelStudio:
         self.files: dict[str, bytes] = {}
         self.predictions: list[dict] = []
         self.prediction_requests = 0
+        self.users: list[dict] = []          # /api/users/
         self.seen_auth: list[str] = []
         self._next_annotation = 1
         self.app = self._make_app()
@@ -125,6 +126,10 @@ class FakeLabelStudio:
         @app.route("/api/current-user/whoami")
         def whoami():
             return jsonify({"id": 1, "email": "test@example.com"})
+
+        @app.route("/api/users/")
+        def users():
+            return jsonify(fake.users)
 
         @app.route("/api/projects/<int:pid>", methods=["GET", "PATCH"])
         def project(pid):

@@ -236,3 +236,51 @@ def test_review_changes_respect_the_opt_out_and_only_point_at_complete_versions(
         "sampling": "Uncertainty sampling", "maximum_annotations": 2}
     with pytest.raises(ValueError, match="ALR_PRESELECT"):
         Settings.from_env({"ALR_PRESELECT": "first"})
+
+
+def _ann(aid, user, label, *, created, updated=None, gt=False, cancelled=False):
+    return {"id": aid, "completed_by": user, "ground_truth": gt, "was_cancelled": cancelled,
+            "created_at": created, "updated_at": updated or created,
+            "result": [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]}
+
+
+def test_team_rule_majority_of_annotators_experts_and_ground_truth_trusted():
+    info = parse_label_config(DIGITS_CONFIG)           # classes "0", "1", "2"
+    team = [_ann(1, 11, "0", created="2026-01-01"), _ann(2, 12, "1", created="2026-01-02"),
+            _ann(3, 13, "1", created="2026-01-03"), _ann(4, 12, "1", created="2026-01-04"),   # 12 again: one vote
+            _ann(5, 14, "2", created="2026-01-05", cancelled=True)]                          # skipped: ignored
+    task = {"id": 9, "data": {}, "annotations": team}
+    tl = extract_task_labels(task, info, label_source="annotation", experts=frozenset({99}))
+    assert tl.noisy == info.index_of("1") and tl.trusted is None
+    assert tl.agreement == pytest.approx(2 / 3) and tl.annotators == 3
+    expert = _ann(6, 99, "2", created="2026-01-06")
+    tl = extract_task_labels({**task, "annotations": team + [expert]}, info, label_source="annotation",
+                             experts=frozenset({99}))
+    assert tl.trusted == info.index_of("2") and tl.label == info.index_of("2") and tl.noisy == info.index_of("1")
+    # a tie goes to the label chosen earliest; ground truth is trusted with or without experts
+    tie = [_ann(1, 11, "0", created="2026-01-01"), _ann(2, 12, "1", created="2026-01-02")]
+    assert extract_task_labels({**task, "annotations": tie}, info, label_source="annotation",
+                               experts=frozenset({99})).noisy == info.index_of("0")
+    gt = _ann(7, 15, "2", created="2026-01-07", gt=True)
+    assert extract_task_labels({**task, "annotations": tie + [gt]}, info, label_source="annotation").trusted == \
+        info.index_of("2")
+    # label source data with experts: the data field is the given label, only experts are trusted
+    data_task = {"id": 9, "data": {"label": "2"}, "annotations": tie}
+    tl = extract_task_labels(data_task, info, label_source="data", experts=frozenset({99}))
+    assert tl.noisy == info.index_of("2") and tl.trusted is None
+    # no experts named: the single-annotator rules are unchanged
+    assert extract_task_labels(data_task, info, label_source="data").trusted == info.index_of("1")
+    legacy = extract_task_labels({**task, "annotations": tie}, info, label_source="annotation")
+    assert legacy.noisy == info.index_of("0") and legacy.trusted == info.index_of("1")
+
+
+def test_expert_emails_resolve_to_user_ids(caplog):
+    from ml_backend.training import expert_ids
+
+    with FakeLabelStudio() as ls:
+        ls.users = [{"id": 5, "email": "Radiologist@Hospital.org"}, {"id": 6, "email": "resident@hospital.org"}]
+        client = LabelStudioClient(ls.url, PAT)
+        settings = Settings.from_env({"ALR_EXPERT_EMAILS": "radiologist@hospital.org, nobody@hospital.org",
+                                      "ALR_EXPERT_USER_IDS": "7"})
+        assert expert_ids(client, settings) == {5, 7}
+    assert "nobody@hospital.org" in caplog.text
