@@ -296,10 +296,14 @@ def test_a_project_labelled_by_annotations_is_reviewed_from_the_suspects_tab_and
     given, true = truth[served]
     print(f"annotation-labelled project: served {served} (rank {ranked.index(served)}; given {given}, true {true})")
     assert served == ranked[0] and given != true
-    reviewer.driver.get(f"{ls.url}/projects/{pid}/data?tab={tabs[0]['id']}&task={served}")
-    assert reviewer.task_on_screen() == served
-    reviewer.screenshot("annotation-project-suspect")
+    reviewer.driver.get(f"{ls.url}/projects/{pid}/data?tab={tabs[0]['id']}&task={served}")    # the task's link
     reviewer.choose_and_submit(str(true))
+    reviewer.screenshot("annotation-project-suspect")
+    deadline = time.monotonic() + 30
+    while len(ls.call("GET", f"/api/tasks/{served}/annotations")) < 2:      # the imported one + the review
+        assert time.monotonic() < deadline, "the review was not stored on the served task"
+        time.sleep(0.5)
+    assert ls.call("GET", f"/api/tasks/{served}/annotations")[-1]["result"][0]["value"]["choices"] == [str(true)]
     ls.wait_model_version(pid, not_in={version}, timeout=400)
     wait_idle(annotation_project["stack"], pid)
     new = ls.project(pid)["model_version"]
