@@ -12,9 +12,11 @@ The rule (documented in ml_backend/README.md and tested in tests/test_backend_la
 * Label source ``annotation``: the noisy label is the FIRST usable annotation (the
   imported one). Any later usable annotation makes the task trusted; the most recently
   updated of those later annotations wins.
-* Teams: annotations marked ground truth in Label Studio, and annotations by the experts the
-  operator names (ALR_EXPERT_USER_IDS, ALR_EXPERT_EMAILS; ``completed_by`` is a user id) are
-  TRUSTED whatever the label source; the most recently updated of them wins.  When experts are
+* Teams: annotations by the experts the operator names (ALR_EXPERT_USER_IDS, ALR_EXPERT_EMAILS;
+  ``completed_by`` is a user id) are TRUSTED whatever the label source; the most recently
+  updated of them wins.  So are annotations marked ground truth, with ALR_TRUST_GROUND_TRUTH=true
+  only: Label Studio 1.23.2 marks every IMPORTED annotation ground truth (measured), and the
+  imported labels are the ones under suspicion.  When experts are
   named, the other annotators are a team, not experts: with label source ``annotation`` the noisy
   label is the MAJORITY of their choices (one vote per annotator, their latest annotation; a tie
   goes to the label chosen earliest) and none of them makes the task trusted.  The share of votes
@@ -113,7 +115,8 @@ def _team_majority(usable: list[tuple[dict, int]]) -> tuple[int | None, float | 
 
 
 def extract_task_labels(task: dict, info: LabelConfigInfo, *, label_source: str = "data",
-                        label_field: str = "label", experts: frozenset = frozenset()) -> TaskLabels:
+                        label_field: str = "label", experts: frozenset = frozenset(),
+                        trust_ground_truth: bool = False) -> TaskLabels:
     """Noisy and trusted label of one task (the rule is in the module docstring);
     ``experts``: the user ids whose annotations are trusted."""
     invalid: list[str] = []
@@ -133,7 +136,8 @@ def extract_task_labels(task: dict, info: LabelConfigInfo, *, label_source: str 
         source = _SOURCES[label_source]
     except KeyError:
         raise ValueError(f"label_source must be one of {sorted(_SOURCES)}, got {label_source!r}") from None
-    authoritative = [(a, i) for a, i in usable if a.get("ground_truth") or _annotator(a) in experts]
+    authoritative = [(a, i) for a, i in usable
+                     if (trust_ground_truth and a.get("ground_truth")) or _annotator(a) in experts]
     agreement, voters = None, 0
     if experts:
         team = [(a, i) for a, i in usable if (a, i) not in authoritative]
@@ -155,12 +159,14 @@ def extract_task_labels(task: dict, info: LabelConfigInfo, *, label_source: str 
 
 
 def extract_labels(tasks: Iterable[dict], info: LabelConfigInfo, *, label_source: str = "data",
-                   label_field: str = "label", experts: frozenset = frozenset()) -> list[TaskLabels]:
+                   label_field: str = "label", experts: frozenset = frozenset(),
+                   trust_ground_truth: bool = False) -> list[TaskLabels]:
     """:func:`extract_task_labels` for every task; logs labels that are not in the config."""
     out = []
     bad: dict[str, int] = {}
     for task in tasks:
-        tl = extract_task_labels(task, info, label_source=label_source, label_field=label_field, experts=experts)
+        tl = extract_task_labels(task, info, label_source=label_source, label_field=label_field, experts=experts,
+                                 trust_ground_truth=trust_ground_truth)
         for raw in tl.invalid_labels:
             bad[raw] = bad.get(raw, 0) + 1
         out.append(tl)

@@ -128,6 +128,7 @@ class NoiseRobustImageClassifier(LabelStudioMLBase):
                 pos_ok.append(i)
                 given[tid] = extract_task_labels(task, self.info, label_source=self.settings.label_source,
                                                  experts=self.settings.expert_user_ids,
+                                                 trust_ground_truth=self.settings.trust_ground_truth,
                                                  label_field=self.settings.label_field).noisy
             except (ImageError, KeyError, TypeError, ValueError) as exc:
                 logger.warning("/predict: task %s skipped: %s", task.get("id"), exc)

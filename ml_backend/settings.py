@@ -59,7 +59,8 @@ class Settings:
     preselect: str = "suggested"          # label pre-selected in the labelling view: suggested | given | none
     set_sampling: bool = True             # make the project's sampling "Uncertainty sampling" (review order)
     create_view: bool = False             # a "Suspects first" Data Manager tab, ordered by score, placed first
-    review_overlap: bool = False          # label_source=annotation: allow 2 annotations per task (review stream)
+    reopen_suspects: int = 50             # label_source=annotation: lowest-scored tasks reopened for review
+    trust_ground_truth: bool = False      # annotations marked ground truth are trusted (LS marks imports so)
     keep_prediction_versions: int = 1     # this backend's versions whose predictions stay in LS; 0 = all
                                           # (not read from the environment yet)
     image_hosts: tuple[str, ...] = ()     # ALR_IMAGE_HOSTS: hosts besides Label Studio's images may come from
@@ -117,7 +118,8 @@ class Settings:
         if self.keep_prediction_versions < 0:
             raise ValueError(f"keep_prediction_versions must be >= 0, got {self.keep_prediction_versions!r}")
         for name, var in (("image_cache_max_mb", "ALR_IMAGE_CACHE_MAX_MB"), ("stream_above_tasks", "ALR_STREAM_ABOVE_TASKS"),
-                          ("dataloader_workers", "ALR_DATALOADER_WORKERS"), ("train_processes", "ALR_TRAIN_PROCESSES")):
+                          ("dataloader_workers", "ALR_DATALOADER_WORKERS"), ("train_processes", "ALR_TRAIN_PROCESSES"),
+                          ("reopen_suspects", "ALR_REOPEN_SUSPECTS")):
             if getattr(self, name) < 0:
                 raise ValueError(f"{var} must be >= 0, got {getattr(self, name)!r}")
         if self.relabel_budget < 0:
@@ -172,7 +174,8 @@ _ENV = {
     "relabel_budget": ("ALR_RELABEL_BUDGET", int),
     "preselect": ("ALR_PRESELECT", str),
     "set_sampling": ("ALR_SET_SAMPLING", _bool),
-    "review_overlap": ("ALR_REVIEW_OVERLAP", _bool),
+    "reopen_suspects": ("ALR_REOPEN_SUSPECTS", int),
+    "trust_ground_truth": ("ALR_TRUST_GROUND_TRUTH", _bool),
     "create_view": ("ALR_CREATE_VIEW", _bool),
     "min_labelled_tasks": ("ALR_MIN_LABELLED_TASKS", int),
     "predictions_batch_size": ("ALR_PREDICTIONS_BATCH_SIZE", int),

@@ -38,7 +38,7 @@ from .labelconfig import LabelConfigInfo, parse_label_config
 from .labels import extract_labels
 from .ls_client import LabelStudioClient
 from .reconcile import annotation_counts
-from .review import ensure_review_order
+from .review import ensure_review_order, refresh_backend_version, reopen_suspects
 from .settings import Settings
 from .store import ProjectStore, atomic_write_json
 
@@ -274,8 +274,8 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     info = parse_label_config(project.get("label_config"))
     tasks = list(client.iter_tasks(p))
     experts = expert_ids(client, settings)
-    labels = extract_labels(tasks, info, label_source=settings.label_source,
-                            label_field=settings.label_field, experts=experts)
+    labels = extract_labels(tasks, info, label_source=settings.label_source, label_field=settings.label_field,
+                            experts=experts, trust_ground_truth=settings.trust_ground_truth)
     n_trusted = sum(tl.is_trusted for tl in labels)
     logger.info("project %d: %d tasks, %d with a trusted label (reason: %s)", p, len(tasks),
                 n_trusted, reason or "-")
@@ -392,6 +392,17 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     t_push = time.monotonic()
     created = publish_version(client, p, version, records, info, settings)
     store.set_current(version)
+    try:
+        refresh_backend_version(client, p, version)
+    except Exception as exc:      # noqa: BLE001 - the stream still follows the project's model_version
+        logger.warning("project %d: could not refresh Label Studio's record of the backend's version (%s): the "
+                       "Data Manager's prediction-score sort follows on its next /setup call", p, exc)
+    if settings.label_source == "annotation":        # ALR_REOPEN_SUSPECTS=0 closes what was reopened
+        try:
+            reopen_suspects(client, p, records, settings)
+        except Exception as exc:      # noqa: BLE001 - the version is published; the next one tries again
+            logger.warning("project %d: could not reopen the suspects for review (%s): the label stream stays as "
+                           "it was until the next version", p, exc)
     push_seconds = time.monotonic() - t_push
     pruned = prune_prediction_versions(client, p, keep=settings.keep_prediction_versions, current=version)
     progress("done", 1.0)

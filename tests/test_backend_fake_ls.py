@@ -127,6 +127,13 @@ class FakeLabelStudio:
         def whoami():
             return jsonify({"id": 1, "email": "test@example.com"})
 
+        @app.route("/api/ml")
+        def ml_backends():      # the real one calls each backend's /setup and stores its model_version
+            pid = int(request.args.get("project", 0))
+            if pid not in fake.projects:
+                return jsonify({"detail": "Not found."}), 404
+            return jsonify([{"id": 1, "project": pid, "model_version": fake.projects[pid].get("model_version")}])
+
         @app.route("/api/users/")
         def users():
             return jsonify(fake.users)

@@ -231,9 +231,6 @@ def test_review_changes_respect_the_opt_out_and_only_point_at_complete_versions(
         "sampling": "Uncertainty sampling"}
     assert review_project_changes(project, Settings(set_sampling=False), served_version=None,
                                   served_version_complete=False) == {}
-    overlap = Settings(label_source="annotation", review_overlap=True)
-    assert review_project_changes(project, overlap, served_version=None, served_version_complete=False) == {
-        "sampling": "Uncertainty sampling", "maximum_annotations": 2}
     with pytest.raises(ValueError, match="ALR_PRESELECT"):
         Settings.from_env({"ALR_PRESELECT": "first"})
 
@@ -244,7 +241,7 @@ def _ann(aid, user, label, *, created, updated=None, gt=False, cancelled=False):
             "result": [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]}
 
 
-def test_team_rule_majority_of_annotators_experts_and_ground_truth_trusted():
+def test_team_rule_majority_of_annotators_experts_trusted_ground_truth_on_request():
     info = parse_label_config(DIGITS_CONFIG)           # classes "0", "1", "2"
     team = [_ann(1, 11, "0", created="2026-01-01"), _ann(2, 12, "1", created="2026-01-02"),
             _ann(3, 13, "1", created="2026-01-03"), _ann(4, 12, "1", created="2026-01-04"),   # 12 again: one vote
@@ -261,9 +258,10 @@ def test_team_rule_majority_of_annotators_experts_and_ground_truth_trusted():
     tie = [_ann(1, 11, "0", created="2026-01-01"), _ann(2, 12, "1", created="2026-01-02")]
     assert extract_task_labels({**task, "annotations": tie}, info, label_source="annotation",
                                experts=frozenset({99})).noisy == info.index_of("0")
-    gt = _ann(7, 15, "2", created="2026-01-07", gt=True)
-    assert extract_task_labels({**task, "annotations": tie + [gt]}, info, label_source="annotation").trusted == \
-        info.index_of("2")
+    gt = _ann(7, 15, "2", created="2026-01-07", gt=True)     # Label Studio marks every imported annotation so
+    assert extract_task_labels({**task, "annotations": tie + [gt]}, info, label_source="annotation",
+                               trust_ground_truth=True).trusted == info.index_of("2")
+    assert extract_task_labels({**task, "annotations": [gt]}, info, label_source="annotation").trusted is None
     # label source data with experts: the data field is the given label, only experts are trusted
     data_task = {"id": 9, "data": {"label": "2"}, "annotations": tie}
     tl = extract_task_labels(data_task, info, label_source="data", experts=frozenset({99}))
@@ -284,3 +282,25 @@ def test_expert_emails_resolve_to_user_ids(caplog):
                                       "ALR_EXPERT_USER_IDS": "7"})
         assert expert_ids(client, settings) == {5, 7}
     assert "nobody@hospital.org" in caplog.text
+
+
+def test_reopening_leaves_exactly_the_lowest_scored_untrusted_tasks_open():
+    from ml_backend.review import overlap_changes
+
+    records = {1: {"score": 0.1, "trusted": False}, 2: {"score": 0.05, "trusted": True},
+               3: {"score": 0.2, "trusted": False}, 4: {"score": 0.9, "trusted": False},
+               5: {"score": 0.8, "trusted": False}}
+    tasks = [{"id": 1, "overlap": 1, "total_annotations": 1, "is_labeled": True},
+             {"id": 2, "overlap": 1, "total_annotations": 2, "is_labeled": True},     # reviewed: trusted
+             {"id": 3, "overlap": 2, "total_annotations": 1, "is_labeled": False},    # already open
+             {"id": 4, "overlap": 2, "total_annotations": 1, "is_labeled": False},    # opened earlier, no suspect now
+             {"id": 5, "overlap": 1, "total_annotations": 0, "is_labeled": False}]    # never labelled: left alone
+    assert overlap_changes(tasks, records, maximum_annotations=1, reopen=2) == {
+        1: {"overlap": 2, "is_labeled": False}, 4: {"overlap": 1, "is_labeled": True}}
+    # a project with 3 annotations per task: a task with 3 gets a 4th slot, a closed one gets 3 back
+    team = [{"id": 1, "overlap": 3, "total_annotations": 3, "is_labeled": True},
+            {"id": 4, "overlap": 4, "total_annotations": 3, "is_labeled": False}]
+    assert overlap_changes(team, records, maximum_annotations=3, reopen=1) == {
+        1: {"overlap": 4, "is_labeled": False}, 4: {"overlap": 3, "is_labeled": True}}
+    assert overlap_changes(tasks, records, maximum_annotations=1, reopen=0) == {     # switched off: all closed
+        3: {"overlap": 1, "is_labeled": True}, 4: {"overlap": 1, "is_labeled": True}}

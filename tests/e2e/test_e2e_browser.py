@@ -93,7 +93,8 @@ class Reviewer:
                          f"choice {label}")
         if not box.is_selected():          # the suggested label arrives pre-selected; a click would clear it
             box.find_element(By.XPATH, "./ancestor::label").click()
-        self._wait(lambda: box.is_selected() or None, f"choice {label} selected")
+        self._wait(lambda: self.driver.find_element(By.CSS_SELECTOR, f"input.ant-checkbox-input[name='{label}']")
+                   .is_selected() or None, f"choice {label} selected")     # found again: React re-renders it
         self.driver.find_element(By.CSS_SELECTOR, "button[aria-label='Submit current annotation']").click()
 
     def _wait(self, find, what: str, timeout: float = 60.0):
@@ -238,14 +239,14 @@ def test_two_reviewers_at_the_same_moment_get_different_suspects(review):
 @pytest.fixture(scope="module")
 def annotation_project(label_studio, admin_pat, tmp_path_factory):
     """A project whose given labels are annotations (the usual existing project), every task
-    labelled, its backend run with ALR_LABEL_SOURCE=annotation and ALR_REVIEW_OVERLAP=true."""
+    labelled, its backend run with ALR_LABEL_SOURCE=annotation and ALR_REOPEN_SUSPECTS=20."""
     pytest.importorskip("selenium")
     workdir = tmp_path_factory.mktemp("annotation-labels")
     stack = backend_stack(label_studio, workdir)
     ls = ls_api(label_studio)
     try:
         stack.start_redis()
-        stack.start_backend(admin_pat, {**BACKEND_ENV, "ALR_LABEL_SOURCE": "annotation", "ALR_REVIEW_OVERLAP": "true",
+        stack.start_backend(admin_pat, {**BACKEND_ENV, "ALR_LABEL_SOURCE": "annotation", "ALR_REOPEN_SUSPECTS": "20",
                                         "ALR_CREATE_VIEW": "true"})
         data = make_digits_project(n_images=120, noise_rate=0.2, seed=5)
         project_id = ls.create_project("Labels as annotations")
@@ -266,42 +267,36 @@ def annotation_project(label_studio, admin_pat, tmp_path_factory):
         print_logs(stack)
 
 
-def test_a_project_labelled_by_annotations_is_reviewed_from_the_suspects_tab_and_the_review_is_trusted(
+def test_a_project_labelled_by_annotations_gets_its_suspects_reopened_and_the_review_is_trusted(
         annotation_project, review):
-    """Annotations per task raised to 2 (Label Studio recomputes is_labeled), the "Suspects first"
-    tab first: its "Label Tasks As Displayed" (the request the UI sends, from the reviewer's own
-    browser session) serves the top suspect; the reviewer's annotation, made in the labelling
-    view, is trusted by the retrain."""
+    """Every task is labelled by its imported annotation; the backend reopens the 20 lowest-scored
+    (their own overlap + 1, the project's annotations per task untouched), so "Label All Tasks"
+    serves the top suspect; the reviewer's annotation, made in the labelling view, labels the
+    task again and is trusted by the retrain.  The "Suspects first" tab is there for browsing."""
     ls, pid, truth = annotation_project["ls"], annotation_project["project"], annotation_project["truth"]
     project = ls.project(pid)
     assert annotation_project["labelled_before"] == len(truth)
-    assert project["maximum_annotations"] == 2 and project["sampling"] == "Uncertainty sampling"
-    assert not any(t["is_labeled"] for t in ls.tasks(pid))
+    assert project["maximum_annotations"] == 1 and project["sampling"] == "Uncertainty sampling"
+    version = project["model_version"]
+    preds = current_predictions(ls, pid, version)
+    lowest = sorted(preds, key=lambda tid: preds[tid]["score"])[:20]
+    open_tasks = [t["id"] for t in ls.tasks(pid) if not t["is_labeled"]]
+    assert sorted(open_tasks) == sorted(lowest)
     tabs = ls.call("GET", "/api/dm/views/", params={"project": pid})
     assert tabs[0]["data"]["title"] == "Suspects first" and tabs[0]["data"]["ordering"] == ["tasks:predictions_score"]
     ranked = suspects(ls, pid)
-    version = project["model_version"]
     reviewer = Reviewer(ls.url, "annotations", review["shots"])
     review["reviewers"].append(reviewer)
     reviewer.sign_up(review["invite"])
-    reviewer.driver.get(f"{ls.url}/projects/{pid}/data?tab={tabs[0]['id']}")
-    served = reviewer.driver.execute_async_script("""
-        const [pid, ordering, done] = arguments;
-        const csrf = (document.cookie.match(/csrftoken=([^;]+)/) || [])[1];
-        fetch(`/api/dm/actions?id=next_task&project=${pid}`, {method: "POST", credentials: "same-origin",
-              headers: {"Content-Type": "application/json", "X-CSRFToken": csrf},
-              body: JSON.stringify({project: pid, ordering: ordering, filters: {conjunction: "and", items: []}})})
-          .then(r => r.json()).then(body => done(body.id)).catch(e => done(String(e)));""",
-        pid, tabs[0]["data"]["ordering"])
+    served = reviewer.label_all_tasks(pid)
     given, true = truth[served]
     print(f"annotation-labelled project: served {served} (rank {ranked.index(served)}; given {given}, true {true})")
     assert served == ranked[0] and given != true
-    reviewer.driver.get(f"{ls.url}/projects/{pid}/data?tab={tabs[0]['id']}&task={served}")    # the task's link
     reviewer.choose_and_submit(str(true))
     reviewer.screenshot("annotation-project-suspect")
     deadline = time.monotonic() + 30
-    while len(ls.call("GET", f"/api/tasks/{served}/annotations")) < 2:      # the imported one + the review
-        assert time.monotonic() < deadline, "the review was not stored on the served task"
+    while not ls.call("GET", f"/api/tasks/{served}")["is_labeled"]:      # the imported annotation + the review
+        assert time.monotonic() < deadline, "the review did not label the served task again"
         time.sleep(0.5)
     assert ls.call("GET", f"/api/tasks/{served}/annotations")[-1]["result"][0]["value"]["choices"] == [str(true)]
     ls.wait_model_version(pid, not_in={version}, timeout=400)
