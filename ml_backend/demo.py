@@ -18,6 +18,7 @@ import argparse
 import io
 import json
 import logging
+import mimetypes
 import os
 import secrets
 import shutil
@@ -267,7 +268,7 @@ class LS:
         urls: dict[str, str] = {}
         for start in range(0, len(data.files), batch):
             # one form field per file (Label Studio keeps one file per field name)
-            files = [(f"file{n}", (name, png, "image/png"))
+            files = [(f"file{n}", (name, png, mimetypes.guess_type(name)[0] or "application/octet-stream"))
                      for n, (name, png) in enumerate(data.files[start:start + batch])]
             body = self.call("POST", f"/api/projects/{project_id}/import", params={"commit_to_project": "false"},
                              files=files, timeout=300)

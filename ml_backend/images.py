@@ -19,6 +19,7 @@ across processes and machines that share the cache directory:
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
@@ -33,6 +34,19 @@ import numpy as np
 from .ls_client import LabelStudioClient, LabelStudioError
 
 logger = logging.getLogger(__name__)
+
+
+def task_image_url(task: dict, image_field: str) -> str | None:
+    """The URL of a task's image.  A cloud-storage URI (``s3://``, ``gs://``, ``azure-blob://``:
+    what Label Studio's API gives with ``resolve_uri=false``) becomes Label Studio's own
+    ``/tasks/<id>/resolve/?fileuri=<base64>``, which answers with the bytes (proxy mode) or a
+    redirect to a presigned URL: the storage's credentials stay in Label Studio, and a presigned
+    host must be in ALR_IMAGE_HOSTS like any other."""
+    url = (task.get("data") or {}).get(image_field)
+    if not isinstance(url, str) or "://" not in url or url.startswith(("http://", "https://")):
+        return url
+    encoded = base64.urlsafe_b64encode(url.encode()).decode()
+    return f"/tasks/{int(task['id'])}/resolve/?fileuri={encoded}"
 
 
 class ImageError(ValueError):
@@ -208,7 +222,7 @@ def _fetch_and_check(tasks, image_field, cache, load_image, *, image_size, chann
     from concurrent.futures import ThreadPoolExecutor
 
     def fetch(task):          # network in parallel; decoding stays in this thread
-        url = (task.get("data") or {}).get(image_field)
+        url = task_image_url(task, image_field)
         try:
             cache.fetch(url)
             return url, None

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 from label_studio_ml.model import LabelStudioMLBase
 
-from .images import ImageCache, ImageError
+from .images import ImageCache, ImageError, task_image_url
 from .labelconfig import parse_label_config
 from .labels import extract_task_labels
 from .ls_client import LabelStudioClient
@@ -122,7 +122,7 @@ class NoiseRobustImageClassifier(LabelStudioMLBase):
         for i, task in enumerate(todo):
             try:
                 tid = int(task["id"])
-                img_url = (task.get("data") or {}).get(self.info.image_field)
+                img_url = task_image_url(task, self.info.image_field)
                 images.append(cache.load(img_url, engine.load_image, image_size=self.settings.image_size,
                                          channels=self.settings.channels))
                 pos_ok.append(i)

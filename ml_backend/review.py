@@ -21,8 +21,8 @@ things, when it is connected to a project and after each version it publishes:
   Studio serve "breadth first", at random among the tasks with the most annotations, before any
   sampling: a fresh reviewer got the task ranked 119 of 120.);
 * with ``ALR_CREATE_VIEW=true``, a Data Manager tab "Suspects first" ordered by prediction score
-  (lowest first) is the project's first tab, for browsing (its "Label Tasks As Displayed" does
-  NOT follow the tab's order: the Data Manager sends no ordering with that request);
+  (lowest first) is the project's first tab, for browsing (its "Label Tasks As Displayed" is no
+  review queue: measured, it served the tasks ranked 23 and 114 of 120);
 * Label Studio's record of the backend's version (what the Data Manager's prediction-score
   column counts) is refreshed after each published version.
 """

@@ -2,7 +2,8 @@
 # Set up everything this project needs on a fresh Debian/Ubuntu machine with Python >= 3.10:
 #   - .venv with the project (torch 2.14.1, torchvision 0.29.1, label-studio-ml 1.0.9, redis, rq, ...);
 #   - redis-server (Debian package) for the training queue, when it is missing;
-#   - with --label-studio: Label Studio 1.23.2 in its own environment (.ls-venv), for the demo and e2e tests.
+#   - with --label-studio: Label Studio 1.23.2 in its own environment (.ls-venv), for the demo and e2e tests,
+#     and moto's S3 server (.s3-venv) for the cloud-storage e2e test.
 # Idempotent: a second run only checks.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,5 +42,12 @@ fi
 
 if [ "$WITH_LS" = 1 ]; then
   bash scripts/setup_label_studio.sh
+  # moto's S3 server, for the e2e test of projects whose images are in S3; its Flask 3 cannot
+  # share .venv (label-studio-ml pins Flask 1.1.2)
+  if [ ! -x .s3-venv/bin/moto_server ]; then
+    "$PYTHON" -m venv .s3-venv
+    .s3-venv/bin/pip install --quiet --disable-pip-version-check "moto[server]>=5.1,<6" \
+      2> >(grep -v "is ignored: it is neither" >&2)
+  fi
 fi
 echo "setup: done (.venv ready; redis-server: $(command -v redis-server))"

@@ -304,3 +304,17 @@ def test_reopening_leaves_exactly_the_lowest_scored_untrusted_tasks_open():
         1: {"overlap": 4, "is_labeled": False}, 4: {"overlap": 3, "is_labeled": True}}
     assert overlap_changes(tasks, records, maximum_annotations=1, reopen=0) == {     # switched off: all closed
         3: {"overlap": 1, "is_labeled": True}, 4: {"overlap": 1, "is_labeled": True}}
+
+
+def test_cloud_storage_uris_are_fetched_through_label_studio():
+    import base64
+
+    from ml_backend.images import task_image_url
+
+    s3 = {"id": 7, "data": {"image": "s3://scans/ct/0001.png"}}
+    url = task_image_url(s3, "image")
+    assert url.startswith("/tasks/7/resolve/?fileuri=")
+    assert base64.urlsafe_b64decode(url.split("fileuri=")[1]).decode() == "s3://scans/ct/0001.png"
+    for plain in ("/data/upload/1/a.png", "http://ls:8080/data/local-files/?d=a.png", "https://cdn.example.org/a.png"):
+        assert task_image_url({"id": 1, "data": {"image": plain}}, "image") == plain
+    assert task_image_url({"id": 1, "data": {}}, "image") is None
