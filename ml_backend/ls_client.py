@@ -203,13 +203,20 @@ class LabelStudioClient:
             # served by Label Studio whatever host name it put in the URL (--host may be a
             # public name while LABEL_STUDIO_URL is the internal one)
             target = f"{self.url}{_path(target)}"
+        from_label_studio = False
         for _ in range(4):
             if urlparse(target).netloc == urlparse(self.url).netloc:
                 r = self.request("GET", target, raw=True, stream=True, allow_redirects=False)
+                from_label_studio = True
             else:
                 reason = fetch_refusal(target, self.image_hosts)
+                if reason and from_label_studio:
+                    reason += (" (Label Studio redirected there: a cloud storage's presigned URL? Name that host in "
+                               "ALR_IMAGE_HOSTS, or untick the storage's 'Use pre-signed URLs' so that Label Studio "
+                               "serves the bytes itself)")
                 if reason:
                     raise FetchRefused(f"refused to fetch {_host(target)}: {reason}")
+                from_label_studio = False
                 try:
                     r = self.session.get(target, timeout=self.timeout, stream=True, allow_redirects=False)
                 except requests.RequestException as exc:

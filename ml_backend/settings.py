@@ -69,6 +69,7 @@ class Settings:
     max_unseen_per_request: int = 256     # /predict: unseen tasks scored by a forward pass per call
     # engine hyperparameters (model.engine.EngineConfig)
     arch: str = "auto"
+    pretrained_weights: str = ""          # ALR_PRETRAINED_WEIGHTS: a ResNet weights file, "imagenet" (torch cache) or ""
     image_size: int = 32
     channels: int = 3
     epochs: int = 30
@@ -122,6 +123,12 @@ class Settings:
                           ("reopen_suspects", "ALR_REOPEN_SUSPECTS")):
             if getattr(self, name) < 0:
                 raise ValueError(f"{var} must be >= 0, got {getattr(self, name)!r}")
+        if self.pretrained_weights:
+            from model.networks import resolve_arch
+
+            if resolve_arch(self.arch, self.image_size) == "smallcnn":
+                raise ValueError(f"ALR_PRETRAINED_WEIGHTS needs a ResNet: set ALR_ARCH=resnet18/34/50 (ALR_ARCH="
+                                 f"{self.arch!r} at ALR_IMAGE_SIZE={self.image_size} is the small CNN)")
         if self.relabel_budget < 0:
             raise ValueError(f"ALR_RELABEL_BUDGET must be >= 0, got {self.relabel_budget!r}")
 
@@ -184,6 +191,7 @@ _ENV = {
     "max_request_bytes": ("ALR_MAX_REQUEST_BYTES", int),
     "max_unseen_per_request": ("ALR_MAX_UNSEEN_PER_REQUEST", int),
     "arch": ("ALR_ARCH", str),
+    "pretrained_weights": ("ALR_PRETRAINED_WEIGHTS", str),
     "image_size": ("ALR_IMAGE_SIZE", int),
     "channels": ("ALR_CHANNELS", int),
     "epochs": ("ALR_EPOCHS", int),

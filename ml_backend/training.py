@@ -62,6 +62,7 @@ def engine_config(engine, settings: Settings, *, streaming: bool = False):
     """The EngineConfig of a job; DataLoader workers only matter (and are only set) when streaming."""
     extra = {"num_workers": settings.dataloader_workers} if streaming else {}
     return engine.EngineConfig(arch=settings.arch, image_size=settings.image_size,
+                               pretrained_weights=settings.pretrained_weights or None,
                                epochs=settings.epochs, finetune_epochs=settings.finetune_epochs,
                                batch_size=settings.batch_size, forget_rate=settings.forget_rate,
                                seed=settings.seed, **extra)
@@ -289,6 +290,9 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         return {"status": "budget_spent", "project": p, "model_version": previous}
 
     progress("download", 0.0)
+    logger.info("project %d: images resized (stretched) to %d x %d px, %s (ALR_IMAGE_SIZE, ALR_CHANNELS); network %s%s",
+                p, settings.image_size, settings.image_size, "RGB" if settings.channels == 3 else "grey",
+                settings.arch, f", weights {settings.pretrained_weights}" if settings.pretrained_weights else "")
     cache = ImageCache(settings.cache_dir, client, max_cache_bytes=settings.image_cache_max_mb * 2**20,
                        protect_seconds=settings.job_timeout)
     streaming = len(tasks) > settings.stream_above_tasks

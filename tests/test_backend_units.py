@@ -318,3 +318,24 @@ def test_cloud_storage_uris_are_fetched_through_label_studio():
     for plain in ("/data/upload/1/a.png", "http://ls:8080/data/local-files/?d=a.png", "https://cdn.example.org/a.png"):
         assert task_image_url({"id": 1, "data": {"image": plain}}, "image") == plain
     assert task_image_url({"id": 1, "data": {}}, "image") is None
+
+
+def test_pretrained_weights_reach_the_engine_and_need_a_resnet(tmp_path):
+    import torch
+    import torchvision
+
+    from ml_backend.training import engine_config, load_engine
+    from model.networks import build_network
+
+    weights = tmp_path / "radiology-resnet18.pth"          # a user's own file; nothing is downloaded
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    settings = Settings.from_env({"ALR_ARCH": "resnet18", "ALR_IMAGE_SIZE": "64",
+                                  "ALR_PRETRAINED_WEIGHTS": str(weights)})
+    config = engine_config(load_engine(), settings)
+    assert config.pretrained_weights == str(weights)
+    net = build_network(config.arch, num_classes=3, in_channels=1, image_size=64,
+                        pretrained_weights=config.pretrained_weights)
+    assert net(torch.zeros(2, 1, 64, 64)).shape == (2, 3)
+    assert engine_config(load_engine(), Settings()).pretrained_weights is None
+    with pytest.raises(ValueError, match="ALR_PRETRAINED_WEIGHTS needs a ResNet"):
+        Settings.from_env({"ALR_IMAGE_SIZE": "32", "ALR_PRETRAINED_WEIGHTS": str(weights)})
