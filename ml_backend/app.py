@@ -13,12 +13,13 @@ import os
 import threading
 import time
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import Forbidden, HTTPException, NotFound
 
 from .labelconfig import LabelConfigError, parse_label_config
 from .ls_client import LabelStudioClient, LabelStudioError
 from .model import NoiseRobustImageClassifier, parse_project_id
+from .quality_report import project_report
 from .reconcile import Reconciler
 from .review import ensure_review_order
 from .training_queue import QueueUnavailable, RQTrainingQueue, ThreadTrainingQueue, Watchdog, make_redis
@@ -247,6 +248,18 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
             raise _BadRequest("'project' is missing")
         store = ProjectStore(settings.model_dir, project_id)
         return jsonify({"versions": store.list_versions(), "current": store.current_version()})
+
+    @app.route("/report", methods=["GET"])
+    def report():
+        """The project's label-quality report, an HTML page (same credentials as every route)."""
+        project_id = parse_project_id(request.args.get("project"))
+        if project_id is None:
+            raise _BadRequest("query parameter 'project' is missing")
+        check_project(project_id)
+        results = results_cache.get(project_id)
+        if results is None:
+            return _error(404, f"project {project_id} has no model version yet: the report follows the first training")
+        return Response(project_report(project_id, results, settings), mimetype="text/html")
 
     @app.route("/is_training", methods=["GET"])
     def is_training():

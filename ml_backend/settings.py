@@ -29,6 +29,7 @@ class Settings:
     """All settings of the backend and its training jobs (see README.md for the table)."""
 
     label_studio_url: str = "http://127.0.0.1:8080"
+    label_studio_public_url: str = ""     # where browsers reach Label Studio (report links); "" = LABEL_STUDIO_URL
     label_studio_api_key: str = field(default="", repr=False)  # never printed
     basic_auth_user: str = ""             # with basic_auth_pass: every route but /health needs them
     basic_auth_pass: str = field(default="", repr=False)
@@ -154,6 +155,7 @@ class Settings:
 
 _ENV = {
     "label_studio_url": ("LABEL_STUDIO_URL", lambda v: v.rstrip("/")),
+    "label_studio_public_url": ("LABEL_STUDIO_PUBLIC_URL", lambda v: v.rstrip("/")),
     "label_studio_api_key": ("LABEL_STUDIO_API_KEY", str.strip),
     "basic_auth_user": ("BASIC_AUTH_USER", str.strip),
     "basic_auth_pass": ("BASIC_AUTH_PASS", str),

@@ -10,8 +10,9 @@ each round.  Only relabelled samples ever change label (the original gave the
 whole LNL clean set its true labels for free).
 
 Writes into --out: scores.npz (Phase 1 per-sample results, ../shared/INTERFACES.md),
-results.json (every figure), summary.md, and the plots budget_curve.png,
-clean_kept_per_class.png and test_metrics.png.
+results.json (every figure), summary.md, the plots budget_curve.png,
+clean_kept_per_class.png and test_metrics.png, and report.html (the label-quality page the ML
+backend serves per project: noise per label, given vs suggested, the suspects with their images).
 """
 from __future__ import annotations
 
@@ -309,8 +310,40 @@ def run(args) -> dict:
                                                    out=out, num_classes=num_classes)
     (out / "results.json").write_text(json.dumps(report, indent=1, default=_json_default))
     write_summary(out, report)
-    report["plots"] = [] if args.no_plots else write_plots(out, report)
+    report["plots"] = [] if args.no_plots else write_plots(out, report) + [write_quality_report(out, train, phase1)]
     return report
+
+
+def write_quality_report(out: Path, train, phase1) -> str:
+    """report.html: the label-quality page the ML backend serves per project, for Phase 1, with
+    the suspects' own images inline."""
+    from selection.report import label_quality_report, suspect_order
+
+    thumbnails: list[str | None] = [None] * len(train.labels)
+    for i in suspect_order(train.labels, phase1.priority, top=24).tolist():
+        thumbnails[i] = _data_uri(train.images[i])
+    page = label_quality_report(train.labels, phase1.predicted_labels, np.nan_to_num(phase1.prob_label_wrong),
+                                class_names=list(train.class_names), priority=phase1.priority,
+                                thumbnails=thumbnails, title="Label quality (simulation, Phase 1)",
+                                subtitle=f"{len(train.labels)} samples; {out}")
+    (out / "report.html").write_text(page, encoding="utf-8")
+    return "report.html"
+
+
+def _data_uri(image: np.ndarray) -> str:
+    """A (H, W, C) uint8 image as a PNG data URI, enlarged to at least 96 px for a thumbnail."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    pixels = image[..., 0] if image.shape[-1] == 1 else image
+    picture = Image.fromarray(np.ascontiguousarray(pixels))
+    scale = max(1, 96 // max(picture.size))
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _json_default(value):

@@ -327,3 +327,20 @@ def test_webhook_for_a_project_the_key_cannot_read_is_404_and_queues_nothing(fak
     assert r.status_code == 404 and "cannot be read" in r.get_json()["error"]
     assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).status_code == 201
     assert queue.wait_idle(10) and jobs == [1]
+
+
+def test_the_report_page_shows_the_suspects_and_the_progress_of_relabels(fake_ls):
+    client = create_app(Settings.from_env()).test_client()
+    assert client.get("/report?project=1").status_code == 404            # no version yet: said so
+    assert client.get("/report").status_code == 400
+    run_training_job(1, settings=Settings.from_env())
+    fake_ls.annotate(200, "2")                                            # a relabel that changes the label
+    run_training_job(1, settings=Settings.from_env())
+    page = client.get("/report?project=1")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    first = html.index('href="' + fake_ls.url + '/projects/1/data?task=')
+    assert html[first:].split("task=")[1].split('"')[0] == "201"          # the remaining wrong label leads
+    assert f'src="{fake_ls.url}/data/upload/1/task-201.png"' in html      # its thumbnail, from Label Studio
+    assert "<td>1</td><td>1</td><td>100%</td>" in html                    # v2: one relabel, it changed the label
+    assert html.count('src="data:image/png;base64,') == 2                  # the two plots

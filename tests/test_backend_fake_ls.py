@@ -157,6 +157,13 @@ class FakeLabelStudio:
                 return jsonify({"detail": "Invalid page."}), 404
             return jsonify({"tasks": chunk, "total": len(rows)})
 
+        @app.route("/api/tasks/<int:tid>")
+        def task(tid):
+            with fake.lock:
+                if tid not in fake.tasks:
+                    return jsonify({"detail": "Not found."}), 404
+                return jsonify(json.loads(json.dumps(fake.tasks[tid])))
+
         @app.route("/api/projects/<int:pid>/import/predictions", methods=["POST"])
         def import_predictions(pid):
             items = request.get_json()

@@ -33,7 +33,7 @@ WORKERS = ("worker", "worker-gpu")
 APP_SERVICES = (BACKEND, *WORKERS)      # services running this project's image
 # Settings whose value in the stack differs from the code default on purpose (container paths,
 # service names on the private network, redis always on).
-STACK_OVERRIDES = {"LABEL_STUDIO_URL", "REDIS_URL", "REDIS_HOST", "MODEL_DIR", "ALR_IMAGE_CACHE_DIR", "ALR_USE_REDIS",
+STACK_OVERRIDES = {"LABEL_STUDIO_URL", "LABEL_STUDIO_PUBLIC_URL", "REDIS_URL", "REDIS_HOST", "MODEL_DIR", "ALR_IMAGE_CACHE_DIR", "ALR_USE_REDIS",
                    "BASIC_AUTH_USER", "BASIC_AUTH_PASS"}   # the stack turns auth on; the code alone does not
 
 

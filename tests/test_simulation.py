@@ -20,8 +20,10 @@ def digits_run(tmp_path_factory):
 def test_outputs_exist_as_documented(digits_run):
     out, report = digits_run
     for name in ("results.json", "summary.md", "scores.npz", "budget_curve.png", "clean_kept_per_class.png",
-                 "test_metrics.png"):
+                 "test_metrics.png", "report.html"):
         assert (out / name).is_file(), name
+    page = (out / "report.html").read_text()        # the backend's label-quality page, suspects' images inline
+    assert page.count('class="card"') == 24 and page.count('src="data:image/png;base64,') == 2 + 24
     with np.load(out / "scores.npz") as scores:
         n = report["dataset"]["num_samples"]
         assert scores["priority"].shape == (n,) and scores["pred_probs"].shape == (n, 10)

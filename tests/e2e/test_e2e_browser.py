@@ -305,3 +305,28 @@ def test_a_project_labelled_by_annotations_gets_its_suspects_reopened_and_the_re
     meta = json.loads((Path(annotation_project["workdir"]) / "models" / f"project-{pid}" / "versions" / new
                        / "meta.json").read_text())
     assert served in meta["trusted_task_ids"] and meta["trained_task_labels"][str(served)] == true
+
+
+def test_the_label_quality_report_opens_in_the_browser_with_its_plots_and_suspects(review):
+    """The backend's /report page, opened by a reviewer who is logged in to Label Studio (the
+    thumbnails come from Label Studio with that session): warnings area, both plots, the
+    suspects in the stream's order, each linking to its task, the progress table."""
+    from selenium.webdriver.common.by import By
+
+    stack, pid, ls = review["stack"], review["project"], review["ls"]
+    wait_idle(stack, pid)
+    reviewer = review["early"]                      # signed up, so logged in to Label Studio
+    user, password = stack.backend_auth
+    reviewer.driver.get(f"http://{user}:{password}@127.0.0.1:{stack.backend_port}/report?project={pid}")
+    cards = reviewer._wait(lambda: reviewer.driver.find_elements(By.CSS_SELECTOR, "#suspects a.card"), "the suspects")
+    loaded = "return Array.from(arguments[0]).every(i => i.complete && i.naturalWidth > 0)"
+    reviewer._wait(lambda: reviewer.driver.execute_script(loaded, reviewer.driver.find_elements(By.TAG_NAME, "img")),
+                   "every image of the report")
+    for plot in ("noise-per-label", "confusion"):
+        assert reviewer.driver.find_element(By.ID, plot).size["width"] > 200
+    ranked = suspects(ls, pid)
+    shown = [int(card.get_attribute("href").split("task=")[1]) for card in cards]
+    assert len(shown) == 24 and shown == ranked[:24]
+    assert all(f"/projects/{pid}/data?task=" in card.get_attribute("href") for card in cards)
+    assert reviewer.driver.find_elements(By.CSS_SELECTOR, "#progress tr")        # one row per version
+    reviewer.screenshot("label-quality-report")
