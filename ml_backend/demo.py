@@ -390,6 +390,8 @@ def main(argv=None) -> int:
               f"Label Studio: {stack.ls_url}/projects/{project_id}/data\n"
               f"login: {stack.username} / {stack.password}\n"
               f"backend: {stack.backend_url} (basic auth {stack.backend_user} / {stack.backend_password})\n"
+              f"label-quality report: {stack.backend_url}/report?project={project_id} (the backend's login; "
+              "open Label Studio first for the thumbnails)\n"
               f"the true labels are in {workdir}/project-{project_id}-truth.json\n"
               "Press \"Label All Tasks\": the most suspicious labels come first, the model's suggested "
               "label pre-selected. Ctrl-C stops everything.\n", flush=True)
