@@ -123,7 +123,8 @@ class NoiseRobustImageClassifier(LabelStudioMLBase):
             try:
                 tid = int(task["id"])
                 img_url = task_image_url(task, self.info.image_field)
-                images.append(cache.load(img_url, engine.load_image, image_size=self.settings.image_size,
+                images.append(cache.load(img_url, self.settings.image_loader(engine.load_image),
+                                         image_size=self.settings.image_size,
                                          channels=self.settings.channels))
                 pos_ok.append(i)
                 given[tid] = extract_task_labels(task, self.info, label_source=self.settings.label_source,

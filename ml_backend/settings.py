@@ -8,6 +8,7 @@ sync.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -72,6 +73,7 @@ class Settings:
     arch: str = "auto"
     pretrained_weights: str = ""          # ALR_PRETRAINED_WEIGHTS: a ResNet weights file, "imagenet" (torch cache) or ""
     image_size: int = 32
+    resize: str = "stretch"               # ALR_RESIZE: non-square images made square by stretch, pad or crop
     channels: int = 3
     epochs: int = 30
     finetune_epochs: int = 10
@@ -103,6 +105,10 @@ class Settings:
         settings.validate()
         return settings
 
+    def image_loader(self, load_image):
+        """``load_image`` (model.data's) with this backend's ALR_RESIZE."""
+        return functools.partial(load_image, resize=self.resize)
+
     def validate(self) -> None:
         if self.label_source not in LABEL_SOURCES:
             raise ValueError(
@@ -124,6 +130,10 @@ class Settings:
                           ("reopen_suspects", "ALR_REOPEN_SUSPECTS")):
             if getattr(self, name) < 0:
                 raise ValueError(f"{var} must be >= 0, got {getattr(self, name)!r}")
+        from model.data import RESIZE_MODES
+
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"ALR_RESIZE must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.pretrained_weights:
             from model.networks import resolve_arch
 
@@ -195,6 +205,7 @@ _ENV = {
     "arch": ("ALR_ARCH", str),
     "pretrained_weights": ("ALR_PRETRAINED_WEIGHTS", str),
     "image_size": ("ALR_IMAGE_SIZE", int),
+    "resize": ("ALR_RESIZE", str),
     "channels": ("ALR_CHANNELS", int),
     "epochs": ("ALR_EPOCHS", int),
     "finetune_epochs": ("ALR_FINETUNE_EPOCHS", int),

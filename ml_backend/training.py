@@ -61,7 +61,7 @@ def config_fingerprint(info: LabelConfigInfo) -> str:
 def engine_config(engine, settings: Settings, *, streaming: bool = False):
     """The EngineConfig of a job; DataLoader workers only matter (and are only set) when streaming."""
     extra = {"num_workers": settings.dataloader_workers} if streaming else {}
-    return engine.EngineConfig(arch=settings.arch, image_size=settings.image_size,
+    return engine.EngineConfig(arch=settings.arch, image_size=settings.image_size, resize=settings.resize,
                                pretrained_weights=settings.pretrained_weights or None,
                                epochs=settings.epochs, finetune_epochs=settings.finetune_epochs,
                                batch_size=settings.batch_size, forget_rate=settings.forget_rate,
@@ -290,23 +290,25 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         return {"status": "budget_spent", "project": p, "model_version": previous}
 
     progress("download", 0.0)
-    logger.info("project %d: images resized (stretched) to %d x %d px, %s (ALR_IMAGE_SIZE, ALR_CHANNELS); network %s%s",
-                p, settings.image_size, settings.image_size, "RGB" if settings.channels == 3 else "grey",
+    logger.info("project %d: images made %d x %d px by %s, %s (ALR_IMAGE_SIZE, ALR_RESIZE, ALR_CHANNELS); "
+                "network %s%s", p, settings.image_size, settings.image_size, settings.resize,
+                "RGB" if settings.channels == 3 else "grey",
                 settings.arch, f", weights {settings.pretrained_weights}" if settings.pretrained_weights else "")
     cache = ImageCache(settings.cache_dir, client, max_cache_bytes=settings.image_cache_max_mb * 2**20,
                        protect_seconds=settings.job_timeout)
+    load_image = settings.image_loader(engine.load_image)
     streaming = len(tasks) > settings.stream_above_tasks
     if streaming:       # large project: keep file paths, let DataLoader workers decode per batch
         logger.info("project %d: %d tasks > ALR_STREAM_ABOVE_TASKS=%d: streaming images from the cache",
                     p, len(tasks), settings.stream_above_tasks)
-        ok_idx, paths, errors = cache_task_images(tasks, info.image_field, cache, engine.load_image,
+        ok_idx, paths, errors = cache_task_images(tasks, info.image_field, cache, load_image,
                                                   image_size=settings.image_size, channels=settings.channels)
 
         def images_at(pos):
             return engine.FileImages([paths[j] for j in pos], image_size=settings.image_size,
-                                     channels=settings.channels)
+                                     channels=settings.channels, resize=settings.resize)
     else:
-        ok_idx, images, errors = load_task_images(tasks, info.image_field, cache, engine.load_image,
+        ok_idx, images, errors = load_task_images(tasks, info.image_field, cache, load_image,
                                                   image_size=settings.image_size, channels=settings.channels)
 
         def images_at(pos):

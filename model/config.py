@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from model.data import RESIZE_MODES
 from model.networks import ARCHS
 from model.vog import VOG_METHODS
 
@@ -24,6 +25,7 @@ class EngineConfig:
     # network
     arch: str = "auto"                  # "auto" | "smallcnn" | "resnet18" | "resnet34" | "resnet50"
     image_size: int = 32                # images are resized to this square size by load_image
+    resize: str = "stretch"             # how a non-square image becomes square: "stretch" | "pad" | "crop"
     pretrained_weights: str | None = None   # None | "imagenet" (torch cache only) | a file path
     dropout: float = 0.2
     # Phase 1: Co-teaching
@@ -72,6 +74,7 @@ class EngineConfig:
             (self.finetune_epochs >= 0, "finetune_epochs must be >= 0"),
             (self.batch_size >= 2, "batch_size must be >= 2"),
             (self.image_size >= 8, "image_size must be >= 8"),
+            (self.resize in RESIZE_MODES, f"resize must be one of {RESIZE_MODES}"),
             (self.forget_rate is None or 0.0 <= self.forget_rate < 1.0, "forget_rate must be in [0, 1)"),
             (0.0 <= self.max_forget_rate < 1.0, "max_forget_rate must be in [0, 1)"),
             (0.0 <= self.mix_ratio <= 1.0, "mix_ratio must be in [0, 1]"),

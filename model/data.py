@@ -78,16 +78,25 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
-def load_image(source: str | os.PathLike | bytes | BinaryIO, *, image_size: int, channels: int) -> np.ndarray:
+RESIZE_MODES = ("stretch", "pad", "crop")
+
+
+def load_image(source: str | os.PathLike | bytes | BinaryIO, *, image_size: int, channels: int,
+               resize: str = "stretch") -> np.ndarray:
     """Decode one image file and return it resized to (image_size, image_size, channels) uint8.
 
-    Grey images become RGB and RGB become grey as ``channels`` asks; 16-bit and
-    palette images are converted; the EXIF orientation is applied.  A file that cannot be
+    ``resize`` makes a non-square image square: "stretch" (the aspect ratio is lost), "pad"
+    (the whole image, letter-boxed in black: geometry kept) or "crop" (the centre square).
+    Grey images become RGB and RGB become grey as ``channels`` asks; 16-bit images are
+    scaled from their own minimum-maximum to 8 bits; palette images are converted; the EXIF
+    orientation is applied.  A file that cannot be
     decoded, or of more than ``MAX_IMAGE_PIXELS`` pixels (checked from its header, before
     decoding), raises ValueError naming it, so a caller can skip it and say which one.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     name = source if isinstance(source, (str, os.PathLike)) else "<bytes>"
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else source
@@ -102,7 +111,13 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, *, image_size: int,
                 span = max(pixels.max() - pixels.min(), 1.0)
                 image = Image.fromarray(((pixels - pixels.min()) / span * 255).astype(np.uint8))
             image = image.convert("L" if channels == 1 else "RGB")
-            image = image.resize((image_size, image_size), Image.BILINEAR)
+            size = (image_size, image_size)
+            if resize == "pad":
+                image = ImageOps.pad(image, size, method=Image.BILINEAR, color=0)
+            elif resize == "crop":
+                image = ImageOps.fit(image, size, method=Image.BILINEAR)
+            else:
+                image = image.resize(size, Image.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot read image {name}: {error}") from error

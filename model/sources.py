@@ -30,18 +30,20 @@ class FileImages(Dataset):
     files once before training where a broken one must be skipped instead.
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike], *, image_size: int, channels: int):
+    def __init__(self, paths: Sequence[str | os.PathLike], *, image_size: int, channels: int,
+                 resize: str = "stretch"):
         if not len(paths):
             raise ValueError("no image files given")
         self.paths = [os.fspath(p) for p in paths]
         self.image_size = image_size
         self.channels = channels
+        self.resize = resize
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        array = load_image(self.paths[index], image_size=self.image_size, channels=self.channels)
+        array = load_image(self.paths[index], image_size=self.image_size, channels=self.channels, resize=self.resize)
         return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 

@@ -133,7 +133,7 @@ def _load_case(path: Path, config: EngineConfig | None) -> dict:
             raise ValueError(f"{path} lacks labels_noisy")
         labels = _int_labels(extra["labels_noisy"], "labels_noisy")
         images = FileImages([str(p) for p in extra["image_paths"]], image_size=config.image_size,
-                            channels=int(extra.get("channels", 3)))
+                            channels=int(extra.get("channels", 3)), resize=config.resize)
         class_names = tuple(str(c) for c in extra["class_names"]) if "class_names" in extra else \
             tuple(str(c) for c in range(int(labels.max()) + 1))
         image_size = config.image_size

@@ -118,3 +118,18 @@ def test_exif_orientation_is_applied():
     Image.fromarray(pixels).save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
     out = load_image(buf.getvalue(), image_size=40, channels=1)[..., 0]
     assert out[:20].mean() > 200 and out[20:].mean() < 50         # displayed portrait: top half bright
+
+
+def test_non_square_images_are_stretched_padded_or_cropped_as_asked():
+    wide = np.full((20, 60), 255, np.uint8)                       # a bright 60 x 20 strip
+    wide[:, :10] = 0                                              # dark left edge
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")
+    stretched, padded, cropped = (load_image(buf.getvalue(), image_size=30, channels=1, resize=mode)[..., 0]
+                                  for mode in ("stretch", "pad", "crop"))
+    assert stretched.shape == padded.shape == cropped.shape == (30, 30)
+    assert stretched[:, :4].mean() < 30 and stretched[:, 8:].mean() > 220     # the edge kept, squeezed
+    assert padded[:8].mean() < 10 and padded[-8:].mean() < 10 and padded[15, 15] > 220   # letter-boxed
+    assert cropped.mean() > 240                                   # the centre square has no dark edge
+    with pytest.raises(ValueError, match="resize must be one of"):
+        load_image(buf.getvalue(), image_size=30, channels=1, resize="squash")
