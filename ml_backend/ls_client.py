@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 import time
 from typing import Iterator, Sequence
@@ -197,26 +198,28 @@ class LabelStudioClient:
     def download(self, url: str, *, max_bytes: int = 64 * 1024 * 1024) -> bytes:
         """Fetch a task's file: relative /data/... paths and this instance's URLs with the API
         key, other http(s) URLs without it and only on an allowed host (:func:`fetch_refusal`).
-        Redirects are followed by hand, at most 3, each target checked the same way."""
+        Redirects are followed by hand, at most 3, each target checked the same way, except the
+        one Label Studio's storage resolver (``/tasks/<id>/resolve/``) answers with: that is a
+        presigned URL of the project's own cloud storage, whose host its managers configured."""
         target = url if url.startswith(("http://", "https://")) else urljoin(self.url + "/", url.lstrip("/"))
-        if urlparse(target).path.startswith(("/data/upload/", "/data/local-files")):
+        path = urlparse(target).path
+        if path.startswith(("/data/upload/", "/data/local-files")) or _STORAGE_RESOLVER.match(path):
             # served by Label Studio whatever host name it put in the URL (--host may be a
             # public name while LABEL_STUDIO_URL is the internal one)
             target = f"{self.url}{_path(target)}"
-        from_label_studio = False
+        presigned = False
         for _ in range(4):
             if urlparse(target).netloc == urlparse(self.url).netloc:
                 r = self.request("GET", target, raw=True, stream=True, allow_redirects=False)
-                from_label_studio = True
+                presigned = bool(_STORAGE_RESOLVER.match(urlparse(target).path))
             else:
-                reason = fetch_refusal(target, self.image_hosts)
-                if reason and from_label_studio:
-                    reason += (" (Label Studio redirected there: a cloud storage's presigned URL? Name that host in "
-                               "ALR_IMAGE_HOSTS, or untick the storage's 'Use pre-signed URLs' so that Label Studio "
-                               "serves the bytes itself)")
+                if presigned:
+                    reason = None if urlparse(target).scheme in ("http", "https") else "not an http(s) URL"
+                else:
+                    reason = fetch_refusal(target, self.image_hosts)
                 if reason:
                     raise FetchRefused(f"refused to fetch {_host(target)}: {reason}")
-                from_label_studio = False
+                presigned = False
                 try:
                     r = self.session.get(target, timeout=self.timeout, stream=True, allow_redirects=False)
                 except requests.RequestException as exc:
@@ -236,6 +239,9 @@ class LabelStudioClient:
                 raise LabelStudioError(f"GET {_path(target)}: file larger than {max_bytes} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+_STORAGE_RESOLVER = re.compile(r"^/tasks/\d+/(resolve|presign)/?$")
 
 
 class FetchRefused(LabelStudioError):

@@ -93,6 +93,17 @@ def test_a_redirect_to_a_host_not_allowed_is_refused_before_it_is_followed(serve
     assert hop.requests == ["/scan.png"] and target.requests == []
 
 
+def test_only_label_studios_storage_resolver_may_redirect_to_its_presigned_bucket(servers):
+    bucket = servers(body=png())
+    presigned = bucket.url.replace("127.0.0.1", "localhost") + "/scans/ct-1.png?X-Amz-Signature=abc"
+    ls = servers(redirect=presigned)          # Label Studio: every path answers with that redirect
+    api = LabelStudioClient(ls.url, "key", timeout=5)           # no ALR_IMAGE_HOSTS at all
+    assert api.download("/tasks/7/resolve/?fileuri=czM6Ly9zY2Fucy9jdC0xLnBuZw==") == png()
+    with pytest.raises(FetchRefused, match="localhost"):       # any other Label Studio path: checked
+        api.download("/data/upload/1/scan.png")
+    assert bucket.requests == ["/scans/ct-1.png?X-Amz-Signature=abc"]
+
+
 def test_patterns_never_open_loopback_private_or_link_local_addresses():
     for url in ("http://169.254.169.254/latest/meta-data", "http://10.0.0.7/x.png", "http://127.0.0.1:8080/x"):
         assert "non-public address" in fetch_refusal(url, ["*.254", "*.7", "*.1"]), url
