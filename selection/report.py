@@ -24,7 +24,7 @@ import numpy as np
 
 from selection._validation import check_labels
 
-MOSTLY_WRONG = 0.5          # estimated noise above this: the label looks mostly wrong
+MOSTLY_WRONG = 0.5          # mean P(wrong) and the share suggested as one other label above this: mostly wrong
 SWAPPED_SHARE = 0.4         # both ways at least this share of a label suggested as the other: swapped
 MIN_SAMPLES = 5             # labels with fewer samples get no warning (too few to tell)
 
@@ -65,23 +65,30 @@ def given_vs_suggested(labels: np.ndarray, suggested: np.ndarray, *, num_classes
 
 def label_warnings(labels: np.ndarray, suggested: np.ndarray, prob_label_wrong: np.ndarray, *,
                    class_names: Sequence[str], trusted_mask: np.ndarray | None = None) -> list[str]:
-    """Plain-language warnings: labels that look mostly wrong, pairs that look swapped."""
+    """Plain-language warnings for the signature of a label-mapping mistake, not of annotator
+    noise or of a model that has not learnt a rare class yet (whose suggestions scatter): a
+    label whose samples mostly look like ONE other label, and two labels that look swapped."""
     k = len(class_names)
     noise, counts = noise_per_label(labels, prob_label_wrong, num_classes=k, trusted_mask=trusted_mask)
     matrix = given_vs_suggested(labels, suggested, num_classes=k)
-    rows = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    share = matrix / rows
+    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    np.fill_diagonal(share, 0.0)
     out = []
-    for c in range(k):
-        if counts[c] >= MIN_SAMPLES and noise[c] > MOSTLY_WRONG:
-            out.append(f"Label '{class_names[c]}' looks mostly wrong: estimated noise {noise[c]:.0%} of its "
-                       f"{counts[c]} samples. Check the label mapping before relabelling one by one.")
+    swapped = set()
     for a in range(k):
         for b in range(a + 1, k):
             if (min(matrix[a].sum(), matrix[b].sum()) >= MIN_SAMPLES
                     and share[a, b] >= SWAPPED_SHARE and share[b, a] >= SWAPPED_SHARE):
+                swapped |= {a, b}
                 out.append(f"Labels '{class_names[a]}' and '{class_names[b]}' look swapped: {share[a, b]:.0%} of "
-                           f"'{class_names[a]}' look like '{class_names[b]}' and {share[b, a]:.0%} the other way.")
+                           f"'{class_names[a]}' look like '{class_names[b]}' and {share[b, a]:.0%} the other way. "
+                           f"Check the label mapping before relabelling one by one.")
+    for a in range(k):
+        b = int(np.argmax(share[a]))
+        if a not in swapped and counts[a] >= MIN_SAMPLES and noise[a] > MOSTLY_WRONG and share[a, b] > MOSTLY_WRONG:
+            out.append(f"Label '{class_names[a]}' looks mostly wrong: {share[a, b]:.0%} of its {matrix[a].sum()} "
+                       f"samples look like '{class_names[b]}' (mean P(label wrong) {noise[a]:.0%}). Check the "
+                       f"label mapping before relabelling one by one.")
     return out
 
 
@@ -161,11 +168,12 @@ h1 {{ margin-bottom: 0; }} .sub {{ color: #666; margin-top: 4px; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1><p class="sub">{html.escape(subtitle)}</p>
-<p id="summary">{n} samples, {int(trusted.sum())} with a trusted label; estimated wrong labels left:
-<b>{errors_left:.1f}</b> ({errors_left / max(int((~trusted & (labels >= 0)).sum()), 1):.1%} of the untrusted).</p>
+<p id="summary">{n} samples, {int(trusted.sum())} with a trusted label; estimated wrong labels left (the sum
+of P(label wrong)): <b>{errors_left:.1f}</b> ({errors_left / max(int((~trusted & (labels >= 0)).sum()), 1):.1%} of
+the untrusted); the model suggests another label for {int((suggested != labels)[~trusted & (labels >= 0)].sum())}.</p>
 <div id="warnings">{warning_html}</div>
 <div class="plots">
-<img id="noise-per-label" alt="estimated noise rate per given label" src="{_noise_plot(noise, counts, class_names)}">
+<img id="noise-per-label" alt="mean P(label wrong) per given label" src="{_noise_plot(noise, counts, class_names)}">
 <img id="confusion" alt="given vs suggested label" src="{_confusion_plot(matrix, class_names)}">
 </div>
 <h2>Most suspicious first</h2><div id="suspects">{"".join(cards) or "<p>No untrusted samples.</p>"}</div>
@@ -197,8 +205,8 @@ def _noise_plot(noise: np.ndarray, counts: np.ndarray, class_names: Sequence[str
                     va="bottom", fontsize=7)
     ax.set_xticks(x, [str(c) for c in class_names], rotation=45 if len(class_names) > 12 else 0, fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("estimated noise rate")
-    ax.set_title("Estimated noise rate per given label (untrusted samples)")
+    ax.set_ylabel("mean P(label wrong)")
+    ax.set_title("Estimated noise per given label: mean P(label wrong), untrusted samples")
     return _png(fig)
 
 
