@@ -39,6 +39,7 @@ class EngineConfig:
     estimate_epochs: int = 4            # epochs of each cross-fitting fold when the forget rate is estimated
     estimate_min_steps: int = 60        # ... and at least this many optimiser steps per fold
     estimate_folds: int = 5             # folds of that cross-fitting
+    estimate_max_samples: int = 10_000  # ... over at most this many untrusted samples (a uniform subset)
     tk: int = 10                        # epochs of the forget-rate ramp; VoG joins the selection after it
     vog_window: int = 5                 # W: snapshots per sample in the VoG ring buffer
     mix_ratio: float = 0.2              # share of the kept samples chosen by smallest VoG after Tk
@@ -85,6 +86,7 @@ class EngineConfig:
             (self.estimate_epochs >= 1, "estimate_epochs must be >= 1"),
             (self.estimate_folds >= 2, "estimate_folds must be >= 2"),
             (self.estimate_min_steps >= 0, "estimate_min_steps must be >= 0"),
+            (self.estimate_max_samples >= 100, "estimate_max_samples must be >= 100"),
             (self.rarity_weight >= 0, "rarity_weight must be >= 0"),
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.mc_dropout_passes >= 0, "mc_dropout_passes must be >= 0"),

@@ -63,12 +63,22 @@ def _with_channels(image: np.ndarray) -> np.ndarray:
     return image[..., None] if image.ndim == 2 else image
 
 
+def to_storage(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) uint8 or float in [0, 1] -> (N, C, H, W) tensor of the same kind: uint8
+    images stay uint8 (a quarter of float32's bytes in memory and in every host-to-GPU copy);
+    :func:`as_float` converts a batch where it is used."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+    return tensor if tensor.dtype == torch.uint8 else tensor.float()
+
+
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (on any device) -> float32 in [0, 1]; float images as they are."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, C) uint8 or float in [0, 1] -> float32 tensor (N, C, H, W) in [0, 1]."""
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    if tensor.dtype == torch.uint8:
-        return tensor.float().div_(255.0)
-    return tensor.float()
+    return as_float(to_storage(images))
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:

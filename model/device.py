@@ -45,18 +45,38 @@ def select_device(preference: str = "auto") -> torch.device:
     return device
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The mixed-precision type on CUDA: bfloat16 where the GPU has it (float32's range, so no
+    loss scaling), float16 otherwise."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+
+
 def make_grad_scaler(device: torch.device, *, enabled: bool = True) -> torch.amp.GradScaler | None:
-    """A GradScaler for float16 mixed precision on CUDA, None elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.amp.GradScaler("cuda")
-    return None
+    """A GradScaler for float16 mixed precision on CUDA; None with bfloat16, on CPU and MPS.
+    Logs the precision chosen."""
+    if not (enabled and device.type == "cuda"):
+        return None
+    if amp_dtype(device) == torch.bfloat16:
+        logger.info("mixed precision: bfloat16 autocast on %s (no loss scaling needed)", torch.cuda.get_device_name(device))
+        return None
+    logger.info("mixed precision: float16 autocast with a GradScaler on %s (no bfloat16 there)",
+                torch.cuda.get_device_name(device))
+    return torch.amp.GradScaler("cuda")
 
 
 def autocast(device: torch.device, *, enabled: bool = True):
-    """float16 autocast on CUDA; a no-op context on CPU and MPS (where it buys nothing reliable)."""
+    """Mixed-precision autocast on CUDA (:func:`amp_dtype`); a no-op context on CPU and MPS (where
+    it buys nothing reliable)."""
     if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
+        return torch.autocast(device_type="cuda", dtype=amp_dtype(device))
     return contextlib.nullcontext()
+
+
+def to_device(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``network`` on ``device``; channels_last on CUDA, where convolutions run fastest in it."""
+    if device.type == "cuda":
+        return network.to(device, memory_format=torch.channels_last)
+    return network.to(device)
 
 
 def seed_everything(seed: int) -> torch.Generator:

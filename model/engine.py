@@ -23,9 +23,9 @@ from model import distributed
 from model.coteaching import (TrainingState, finetune, load_checkpoint, mc_dropout_probs, predict,
                               save_checkpoint, train_coteaching)
 from model.config import EngineConfig
-from model.data import as_image_array, load_image, to_tensor
+from model.data import as_image_array, load_image, to_storage, to_tensor
 from model.device import select_device
-from model.sources import FileImages, ImageSource, image_shape, num_images
+from model.sources import FileImages, ImageSource, image_shape, num_images, place
 from selection import rank, scores
 from selection._validation import check_labels
 
@@ -34,11 +34,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["EngineConfig", "EngineResult", "FileImages", "load_image", "train_and_score", "score_images"]
 
 
-def as_source(images) -> ImageSource:
-    """A FileImages (or any Dataset of (C, H, W) tensors) as it is; arrays validated into one tensor."""
+def as_source(images, device: str = "auto") -> ImageSource:
+    """A FileImages (or any Dataset of (C, H, W) tensors) as it is; arrays validated into one
+    tensor (uint8 stays uint8), placed for the configured device (:func:`model.sources.place`)."""
     if isinstance(images, Dataset):
         return images
-    return to_tensor(as_image_array(images))
+    return place(to_storage(as_image_array(images)), select_device(device))
 
 
 @dataclass
@@ -100,7 +101,7 @@ def train_and_score(images, labels, *, sample_ids=None, class_names, trusted_mas
     class_names = [str(name) for name in class_names]
     if len(class_names) < 2:
         raise ValueError(f"at least 2 classes are needed to train a classifier, got {class_names}")
-    x = as_source(images)
+    x = as_source(images, config.device)
     labels = check_labels(labels, len(class_names))
     if len(labels) != num_images(x):
         raise ValueError(f"{num_images(x)} images but {len(labels)} labels")
@@ -158,7 +159,7 @@ def score_images(checkpoint_path: str | os.PathLike, images, labels=None, *, sam
     state, saved = load_checkpoint(checkpoint_path, device=None if config is None else select_device(config.device))
     config = config or EngineConfig.from_dict(saved["config"])
     class_names = list(saved["class_names"])
-    x = as_source(images)
+    x = as_source(images, config.device)
     count = num_images(x)
     labels = np.full(count, -1, np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
     if labels.shape != (count,) or labels.min(initial=0) < -1 or labels.max(initial=0) >= len(class_names):

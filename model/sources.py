@@ -1,7 +1,9 @@
 """Where training images come from: a tensor in memory, or files streamed from disk.
 
 Small projects (digits, a few thousand thumbnails) live in one (N, C, H, W)
-float tensor and are sliced per batch.  Large projects pass a
+tensor, uint8 when the images came as uint8, sliced per batch and made float
+on the device that uses them (on CUDA, resident on the GPU when they fit:
+:func:`place`).  Large projects pass a
 :class:`FileImages`: each batch is decoded from disk by DataLoader worker
 processes, so memory holds a few batches, not the dataset; only the per-sample
 arrays (labels, scores, VoG buffers) grow with N.
@@ -10,6 +12,7 @@ Every function below accepts either kind, so the training code has one path.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterator, Sequence
 
@@ -17,9 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from model.data import load_image
+from model.data import as_float, load_image
 
 ImageSource = torch.Tensor | Dataset
+
+logger = logging.getLogger(__name__)
 
 
 class FileImages(Dataset):
@@ -68,16 +73,63 @@ def take(images: ImageSource, idx: torch.Tensor) -> ImageSource:
 def iterate_batches(images: ImageSource, batches: Sequence[torch.Tensor], *, device: torch.device,
                     num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (idx, images[idx] on ``device``) for each index tensor in ``batches``, in order."""
+    if isinstance(images, torch.Tensor) and images.is_pinned() and device.type == "cuda":
+        yield from _prefetched_batches(images, batches, device)
+        return
     if isinstance(images, torch.Tensor):
         for idx in batches:
-            yield idx, images[idx].to(device, non_blocking=True)
+            yield idx, _for_device(as_float(images[idx].to(device, non_blocking=True)), device)
         return
     # A generator of its own: a DataLoader iterator otherwise draws its worker seed from torch's
     # global generator, which shifts dropout and so makes streamed training differ from in-memory.
     loader = DataLoader(images, batch_sampler=[idx.tolist() for idx in batches], num_workers=num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     for idx, x in zip(batches, loader):
-        yield idx, x.to(device, non_blocking=True)
+        yield idx, _for_device(x.to(device, non_blocking=True), device)
+
+
+def _prefetched_batches(images: torch.Tensor, batches: Sequence[torch.Tensor],
+                        device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pinned host images to CUDA with the next batch's copy on a side stream, overlapping the
+    current batch's compute: each batch is gathered into pinned memory (an index of a pinned
+    tensor would be pageable again) and copied asynchronously."""
+    stream = torch.cuda.Stream(device)
+
+    def start_copy(idx):
+        staged = torch.empty((idx.numel(), *images.shape[1:]), dtype=images.dtype, pin_memory=True)
+        torch.index_select(images, 0, idx, out=staged)
+        with torch.cuda.stream(stream):
+            return staged.to(device, non_blocking=True)
+
+    upcoming = start_copy(batches[0]) if len(batches) else None
+    for position, idx in enumerate(batches):
+        torch.cuda.current_stream(device).wait_stream(stream)
+        x = upcoming
+        x.record_stream(torch.cuda.current_stream(device))     # made on the side stream, used on this one
+        upcoming = start_copy(batches[position + 1]) if position + 1 < len(batches) else None
+        yield idx, _for_device(as_float(x), device)
+
+
+def _for_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """channels_last on CUDA (the layout its convolutions run fastest in), as it is elsewhere."""
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def place(images: ImageSource, device: torch.device, *, max_share: float = 0.5) -> ImageSource:
+    """Where the images live while a job runs.  On CUDA an in-memory set that takes at most
+    ``max_share`` of the GPU's free memory moves there once (each batch is then an index, not a
+    copy); a larger one is pinned, so that batch copies are truly asynchronous.  Elsewhere, and
+    for streamed files, as it is.  The choice is logged."""
+    if device.type != "cuda" or not isinstance(images, torch.Tensor):
+        return images
+    size = images.element_size() * images.numel()
+    free, _ = torch.cuda.mem_get_info(device)
+    if size <= max_share * free:
+        logger.info("images resident on the GPU: %.0f MB of %.0f MB free", size / 2**20, free / 2**20)
+        return images.to(device)
+    logger.info("images in pinned host memory: %.0f MB > %.0f%% of the GPU's %.0f MB free", size / 2**20,
+                100 * max_share, free / 2**20)
+    return images.pin_memory()
 
 
 def sequential_batches(count: int, batch_size: int, *, offset: int = 0, stride: int = 1) -> list[torch.Tensor]:
@@ -90,9 +142,9 @@ def stats_sample(images: ImageSource, *, max_count: int = 2048, seed: int = 0) -
     """Up to ``max_count`` images as one tensor, for the per-channel normalisation statistics."""
     count = num_images(images)
     if isinstance(images, torch.Tensor) and count <= max_count:
-        return images
+        return as_float(images)
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(count, size=min(count, max_count), replace=False))
     if isinstance(images, torch.Tensor):
-        return images[torch.from_numpy(idx)]
+        return as_float(images[torch.from_numpy(idx)])
     return torch.stack([images[int(i)] for i in idx])

@@ -91,6 +91,24 @@ def test_training_is_reproducible_on_cpu(tmp_path):
     np.testing.assert_array_equal(runs[0].lnl_clean_mask, runs[1].lnl_clean_mask)
 
 
+def test_uint8_images_stay_uint8_in_memory_and_train_exactly_as_their_float_copy(tmp_path):
+    """Stored as uint8 (a quarter of the bytes; on CUDA the host-to-GPU copies too) and made
+    float per batch on the device: bit for bit what training on the float32 images gives."""
+    from model.engine import as_source
+    from model.sources import place
+
+    images, labels = _toy_data(60)
+    stored = as_source(images, "cpu")
+    assert stored.dtype == torch.uint8 and stored.shape == (60, 1, 8, 8)
+    assert place(stored, torch.device("cpu")) is stored                # nothing to place on the CPU
+    config = EngineConfig(**FAST, forget_rate=0.1)
+    runs = [train_and_score(x, labels, class_names=["a", "b", "c"], checkpoint_path=tmp_path / f"{i}.pt",
+                            config=config, progress_bar=False)
+            for i, x in enumerate((images, images.astype(np.float32) / 255.0))]
+    np.testing.assert_array_equal(runs[0].pred_probs, runs[1].pred_probs)
+    np.testing.assert_array_equal(runs[0].vog_scores, runs[1].vog_scores)
+
+
 def test_forget_rate_is_estimated_when_not_given(tmp_path):
     images, labels = _toy_data(150)
     noisy = labels.copy()
@@ -161,3 +179,43 @@ def test_vog_from_the_training_pass_fills_the_buffers_without_an_eval_pass(tmp_p
     assert np.isfinite(result.vog_scores).all() and (result.vog_scores > 0).all()
     with pytest.raises(ValueError, match="train_pass"):
         EngineConfig(vog_source="train_pass", vog_method="input_gradient")
+
+
+def test_the_vectorised_selection_used_on_cuda_keeps_exactly_what_the_loop_keeps():
+    """select_clean_batch runs a per-class loop on the CPU and, on CUDA, tensor operations with
+    no host synchronisation; on random batches (class-balanced and global, with and without VoG,
+    per-class rates and trusted samples) both keep the same samples."""
+    import itertools
+
+    from model.coteaching import _select_clean_batch_vectorised
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        size, classes = int(torch.randint(2, 160, (1,), generator=g)), int(torch.randint(2, 12, (1,), generator=g))
+        losses, vog = torch.rand(size, generator=g), torch.rand(size, generator=g)
+        labels = torch.randint(0, classes, (size,), generator=g)
+        trusted = torch.rand(size, generator=g) < 0.1
+        rates = torch.rand(classes, generator=g) * 0.6
+        for balanced, with_vog, with_rates in itertools.product([True, False], repeat=3):
+            options = dict(forget_rate=float(torch.rand(1, generator=g)) * 0.7, class_balanced=balanced,
+                           mix_ratio=float(torch.rand(1, generator=g)) * 0.5,
+                           class_forget_rates=rates if with_rates else None)
+            loop = select_clean_batch(losses, vog if with_vog else None, labels, trusted, **options)
+            vectorised = _select_clean_batch_vectorised(losses, vog if with_vog else None, labels, trusted, **options)
+            assert torch.equal(loop, vectorised), options
+
+
+def test_the_noise_rate_estimate_of_a_large_project_uses_a_capped_subset(caplog):
+    from model.coteaching import estimate_forget_rate
+
+    images, labels = _toy_data(300)
+    noisy = labels.copy()
+    noisy[:60] = (noisy[:60] + 1) % 3                        # 20% wrong
+    config = EngineConfig(**FAST, estimate_max_samples=150)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with caplog.at_level("INFO"):
+        overall, per_class = estimate_forget_rate(x, torch.from_numpy(noisy), torch.zeros(300, dtype=torch.bool), 3,
+                                                  config=config, device=torch.device("cpu"),
+                                                  generator=torch.Generator().manual_seed(0))
+    assert "uniform subset of 150 untrusted samples" in caplog.text
+    assert 0.0 < overall < 0.6 and len(per_class) == 3
