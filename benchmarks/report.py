@@ -33,6 +33,7 @@ BENCHMARKS = {
     "scale": ("bench_scale.py", [], ["--sizes", "1000"]),
     "backend": ("bench_backend.py", ["--no-label-studio"], ["--no-label-studio", "--repeats", "20"]),
     "webhook": ("bench_webhook.py", [], ["--rounds", "2"]),
+    "gpu": ("bench_gpu.py", [], ["--quick"]),
 }
 
 STAMP_START = "<!-- report: start -->"

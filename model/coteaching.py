@@ -71,46 +71,13 @@ def select_clean_batch(losses: torch.Tensor, vog_scores: torch.Tensor | None, la
     ``forget_rate`` when no per-class rates are given: with int() a class seen
     once in a batch would never be kept, which is exactly the minority loss the
     per-class variant exists to prevent.
+
+    Tensor operations only, no host synchronisation (on CUDA a per-class loop
+    waits for the device several times a batch): quotas from a bincount in
+    float64 (as Python computes them), ranks within each group from one stable
+    sort by (group, loss), then the same for VoG among each group's remainder.
+    Ties go to the lower index.
     """
-    if losses.device.type == "cuda":       # the same result without a host synchronisation per class
-        return _select_clean_batch_vectorised(losses, vog_scores, labels, trusted, forget_rate=forget_rate,
-                                              mix_ratio=mix_ratio, class_balanced=class_balanced,
-                                              class_forget_rates=class_forget_rates)
-    keep = trusted.clone()      # on the CPU a loop over the few classes of a batch is the faster
-    candidates = torch.nonzero(~trusted, as_tuple=True)[0]
-    if candidates.numel() == 0:
-        return keep
-    groups = [candidates] if not class_balanced else [
-        candidates[labels[candidates] == c] for c in torch.unique(labels[candidates])]
-    for group in groups:
-        if class_balanced:
-            rate = forget_rate if class_forget_rates is None else float(class_forget_rates[labels[group[0]]])
-            n_keep = math.ceil((1.0 - rate) * group.numel())
-        else:
-            n_keep = int((1.0 - forget_rate) * group.numel())
-        keep[_smallest_loss_then_vog(group, losses, vog_scores, n_keep, mix_ratio)] = True
-    return keep
-
-
-def _smallest_loss_then_vog(group, losses, vog_scores, n_keep, mix_ratio):
-    if vog_scores is None:
-        return group[torch.argsort(losses[group])[:n_keep]]
-    # V = int(n * mix) by VoG and the rest by loss: flooring both parts would keep
-    # nothing of a group whose quota is 1, the rare class the quota exists for.
-    n_vog = int(n_keep * mix_ratio)
-    n_loss = n_keep - n_vog
-    by_loss = torch.argsort(losses[group])
-    chosen_by_loss = group[by_loss[:n_loss]]
-    rest = group[by_loss[n_loss:]]
-    chosen_by_vog = rest[torch.argsort(vog_scores[rest])[:n_vog]]
-    return torch.cat([chosen_by_loss, chosen_by_vog])
-
-
-def _select_clean_batch_vectorised(losses, vog_scores, labels, trusted, *, forget_rate, mix_ratio, class_balanced,
-                                   class_forget_rates=None) -> torch.Tensor:
-    """:func:`select_clean_batch` with tensor operations only (no .item(), no per-class loop):
-    quotas from a bincount, ranks within each group from one stable sort by (group, loss), then
-    the same for VoG among each group's remainder.  Quotas in float64, as Python computes them."""
     device = losses.device
     untrusted = ~trusted
     groups = labels.long() if class_balanced else torch.zeros_like(labels, dtype=torch.long)

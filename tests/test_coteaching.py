@@ -1,4 +1,6 @@
 """model/: the schedule, the per-batch selection, training, checkpoints and bad input."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -181,13 +183,35 @@ def test_vog_from_the_training_pass_fills_the_buffers_without_an_eval_pass(tmp_p
         EngineConfig(vog_source="train_pass", vog_method="input_gradient")
 
 
-def test_the_vectorised_selection_used_on_cuda_keeps_exactly_what_the_loop_keeps():
-    """select_clean_batch runs a per-class loop on the CPU and, on CUDA, tensor operations with
-    no host synchronisation; on random batches (class-balanced and global, with and without VoG,
-    per-class rates and trusted samples) both keep the same samples."""
-    import itertools
+def _select_by_class_loop(losses, vog_scores, labels, trusted, *, forget_rate, mix_ratio, class_balanced,
+                          class_forget_rates=None):
+    """The selection as it was written before it was vectorised: a loop over the batch's classes."""
+    keep = trusted.clone()
+    candidates = torch.nonzero(~trusted, as_tuple=True)[0]
+    if candidates.numel() == 0:
+        return keep
+    groups = [candidates] if not class_balanced else [
+        candidates[labels[candidates] == c] for c in torch.unique(labels[candidates])]
+    for group in groups:
+        if class_balanced:
+            rate = forget_rate if class_forget_rates is None else float(class_forget_rates[labels[group[0]]])
+            n_keep = math.ceil((1.0 - rate) * group.numel())
+        else:
+            n_keep = int((1.0 - forget_rate) * group.numel())
+        n_vog = int(n_keep * mix_ratio) if vog_scores is not None else 0
+        by_loss = torch.argsort(losses[group])
+        keep[group[by_loss[:n_keep - n_vog]]] = True
+        if n_vog:
+            rest = group[by_loss[n_keep - n_vog:]]
+            keep[rest[torch.argsort(vog_scores[rest])[:n_vog]]] = True
+    return keep
 
-    from model.coteaching import _select_clean_batch_vectorised
+
+def test_the_vectorised_selection_keeps_exactly_what_the_per_class_loop_kept():
+    """select_clean_batch has no host synchronisation (tensor operations only); on random
+    batches (class-balanced and global, with and without VoG, per-class rates and trusted
+    samples) it keeps the same samples as the per-class loop it replaced."""
+    import itertools
 
     g = torch.Generator().manual_seed(0)
     for _ in range(150):
@@ -200,8 +224,8 @@ def test_the_vectorised_selection_used_on_cuda_keeps_exactly_what_the_loop_keeps
             options = dict(forget_rate=float(torch.rand(1, generator=g)) * 0.7, class_balanced=balanced,
                            mix_ratio=float(torch.rand(1, generator=g)) * 0.5,
                            class_forget_rates=rates if with_rates else None)
-            loop = select_clean_batch(losses, vog if with_vog else None, labels, trusted, **options)
-            vectorised = _select_clean_batch_vectorised(losses, vog if with_vog else None, labels, trusted, **options)
+            loop = _select_by_class_loop(losses, vog if with_vog else None, labels, trusted, **options)
+            vectorised = select_clean_batch(losses, vog if with_vog else None, labels, trusted, **options)
             assert torch.equal(loop, vectorised), options
 
 
