@@ -18,6 +18,7 @@ from .store import ProjectStore, VersionResults
 logger = logging.getLogger(__name__)
 
 TOP = 24
+HISTORY = 20        # versions in the progress table (each is one results file to read)
 
 
 def version_arrays(results: VersionResults) -> dict[str, np.ndarray]:
@@ -51,7 +52,7 @@ def version_progress(results: VersionResults) -> VersionProgress:
 def project_report(project_id: int, results: VersionResults, settings: Settings) -> str:
     store = ProjectStore(settings.model_dir, project_id)
     history = []
-    for version in store.list_versions():
+    for version in store.list_versions()[-HISTORY:]:
         try:
             history.append(version_progress(results if version == results.version else store.load(version)))
         except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 _VERSION_RE = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
 
 
+def _version_number(name: str) -> int:
+    """n of alr-v<n>-<time>; -1 for any other name."""
+    m = re.match(r"alr-v(\d+)-", name)
+    return int(m.group(1)) if m else -1
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,14 +93,15 @@ class ProjectStore:
         return self.versions_dir / version
 
     def list_versions(self) -> list[str]:
+        """The versions on disk, oldest first (by their number: alr-v10 comes after alr-v9)."""
         if not self.versions_dir.is_dir():
             return []
-        return sorted(p.name for p in self.versions_dir.iterdir() if p.is_dir())
+        return sorted((p.name for p in self.versions_dir.iterdir() if p.is_dir()),
+                      key=lambda name: (_version_number(name), name))
 
     def next_version(self) -> str:
         """A new, unique version name: alr-v<n>-<UTC timestamp>."""
-        n = 1 + max((int(m.group(1)) for v in self.list_versions()
-                     if (m := re.match(r"alr-v(\d+)-", v))), default=0)
+        n = 1 + max((_version_number(v) for v in self.list_versions() if _version_number(v) >= 0), default=0)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         return f"alr-v{n}-{stamp}"
 

@@ -339,3 +339,13 @@ def test_pretrained_weights_reach_the_engine_and_need_a_resnet(tmp_path):
     assert engine_config(load_engine(), Settings()).pretrained_weights is None
     with pytest.raises(ValueError, match="ALR_PRETRAINED_WEIGHTS needs a ResNet"):
         Settings.from_env({"ALR_IMAGE_SIZE": "32", "ALR_PRETRAINED_WEIGHTS": str(weights)})
+
+
+def test_versions_are_listed_by_number_not_as_text(tmp_path):
+    from ml_backend.store import ProjectStore
+
+    store = ProjectStore(tmp_path, 1)
+    for name in ("alr-v1-20261130T070000", "alr-v10-20261130T090000", "alr-v2-20261130T071000"):
+        (store.versions_dir / name).mkdir(parents=True)
+    assert store.list_versions() == ["alr-v1-20261130T070000", "alr-v2-20261130T071000", "alr-v10-20261130T090000"]
+    assert store.next_version().startswith("alr-v11-")
