@@ -40,8 +40,8 @@ def task_image_url(task: dict, image_field: str) -> str | None:
     """The URL of a task's image.  A cloud-storage URI (``s3://``, ``gs://``, ``azure-blob://``:
     what Label Studio's API gives with ``resolve_uri=false``) becomes Label Studio's own
     ``/tasks/<id>/resolve/?fileuri=<base64>``, which answers with the bytes (proxy mode) or a
-    redirect to a presigned URL: the storage's credentials stay in Label Studio, and a presigned
-    host must be in ALR_IMAGE_HOSTS like any other."""
+    redirect to a presigned URL of that storage (followed: see LabelStudioClient.download): the
+    storage's credentials stay in Label Studio."""
     url = (task.get("data") or {}).get(image_field)
     if not isinstance(url, str) or "://" not in url or url.startswith(("http://", "https://")):
         return url

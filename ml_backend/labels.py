@@ -20,7 +20,7 @@ The rule (documented in ml_backend/README.md and tested in tests/test_backend_la
   named, the other annotators are a team, not experts: with label source ``annotation`` the noisy
   label is the MAJORITY of their choices (one vote per annotator, their latest annotation; a tie
   goes to the label chosen earliest) and none of them makes the task trusted.  The share of votes
-  for that label (``agreement``) and the number of annotators go into the prediction's meta.
+  for that label (``agreement``) goes into the prediction's meta; ``annotators`` counts the voters.
   With no experts named, the two single-annotator rules above apply unchanged.
 * A trusted label overrides the noisy label; trusted tasks are never discarded by the
   noise-robust selection (the engine's ``trusted_mask``).

@@ -15,10 +15,10 @@ from label_studio_ml.model import LabelStudioMLBase
 from .images import ImageCache, ImageError, task_image_url
 from .labelconfig import parse_label_config
 from .labels import extract_task_labels
-from .ls_client import LabelStudioClient
+from .ls_client import LabelStudioClient, LabelStudioError
 from .settings import Settings
 from .store import ResultsCache
-from .training import build_records, load_engine, prediction_for, run_training_job
+from .training import build_records, expert_ids, load_engine, prediction_for, run_training_job
 
 logger = logging.getLogger(__name__)
 
@@ -118,17 +118,22 @@ class NoiseRobustImageClassifier(LabelStudioMLBase):
                                              image_hosts=self.settings.image_hosts),
                            max_cache_bytes=self.settings.image_cache_max_mb * 2**20,
                            protect_seconds=self.settings.job_timeout)
+        load_image = self.settings.image_loader(engine.load_image)
+        try:
+            experts = expert_ids(cache.client, self.settings)      # as the training job counts them
+        except LabelStudioError as exc:
+            logger.warning("/predict: the experts' e-mails cannot be resolved (%s): ALR_EXPERT_USER_IDS only", exc)
+            experts = self.settings.expert_user_ids
         images, pos_ok, given = [], [], {}
         for i, task in enumerate(todo):
             try:
                 tid = int(task["id"])
                 img_url = task_image_url(task, self.info.image_field)
-                images.append(cache.load(img_url, self.settings.image_loader(engine.load_image),
-                                         image_size=self.settings.image_size,
+                images.append(cache.load(img_url, load_image, image_size=self.settings.image_size,
                                          channels=self.settings.channels))
                 pos_ok.append(i)
                 given[tid] = extract_task_labels(task, self.info, label_source=self.settings.label_source,
-                                                 experts=self.settings.expert_user_ids,
+                                                 experts=experts,
                                                  trust_ground_truth=self.settings.trust_ground_truth,
                                                  label_field=self.settings.label_field).noisy
             except (ImageError, KeyError, TypeError, ValueError) as exc:

@@ -436,8 +436,9 @@ def train_coteaching(images: ImageSource, labels: torch.Tensor, *, num_classes: 
                      progress_bar: bool = True) -> TrainingState:
     """Phase 1: Co-teaching with loss selection up to Tk, loss U VoG selection after.
 
-    ``images`` (N, C, H, W) float in [0, 1] (or a model.sources.FileImages) and
-    ``labels`` (N,) long stay on the CPU; batches move to the device.  Under
+    ``images`` (N, C, H, W) uint8, or float in [0, 1] (or a model.sources.FileImages), where
+    model.sources.place put them, and ``labels`` (N,) long on the CPU; batches move to the
+    device and become float there.  Under
     torchrun every rank runs this same function (model/distributed.py).  With validation data the networks of the
     epoch with the best ensemble macro-F1 are kept for Phase 2 (the original went
     on from the last epoch).  The LNL clean set is network 1's selection in the

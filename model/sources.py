@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 class FileImages(Dataset):
     """Images decoded from files on demand and resized to ``image_size`` square, ``channels`` deep.
 
-    Items are (C, H, W) float32 tensors in [0, 1].  Decode errors name the file
+    Items are (C, H, W) uint8 tensors (made float on the device, like in-memory images).  Decode errors name the file
     (a DataLoader worker re-raises them in the training process), so check the
     files once before training where a broken one must be skipped instead.
     """
@@ -49,7 +49,7 @@ class FileImages(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         array = load_image(self.paths[index], image_size=self.image_size, channels=self.channels, resize=self.resize)
-        return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def num_images(images: ImageSource) -> int:
@@ -85,7 +85,7 @@ def iterate_batches(images: ImageSource, batches: Sequence[torch.Tensor], *, dev
     loader = DataLoader(images, batch_sampler=[idx.tolist() for idx in batches], num_workers=num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     for idx, x in zip(batches, loader):
-        yield idx, _for_device(x.to(device, non_blocking=True), device)
+        yield idx, _for_device(as_float(x.to(device, non_blocking=True)), device)
 
 
 def _prefetched_batches(images: torch.Tensor, batches: Sequence[torch.Tensor],
@@ -147,4 +147,4 @@ def stats_sample(images: ImageSource, *, max_count: int = 2048, seed: int = 0) -
     idx = np.sort(rng.choice(count, size=min(count, max_count), replace=False))
     if isinstance(images, torch.Tensor):
         return as_float(images[torch.from_numpy(idx)])
-    return torch.stack([images[int(i)] for i in idx])
+    return as_float(torch.stack([images[int(i)] for i in idx]))
