@@ -73,8 +73,11 @@ class LabelStudioClient:
 
     # -- authentication ---------------------------------------------------------------
     def _refresh_access(self) -> None:
-        r = self.session.post(f"{self.url}/api/token/refresh/", json={"refresh": self._key},
-                              timeout=self.timeout)
+        try:
+            r = self.session.post(f"{self.url}/api/token/refresh/", json={"refresh": self._key},
+                                  timeout=self.timeout)
+        except requests.RequestException as exc:      # Label Studio down: the same error as any other call
+            raise LabelStudioError(f"POST /api/token/refresh/: {type(exc).__name__}") from None
         if r.status_code != 200:
             raise LabelStudioAuthError(
                 f"LABEL_STUDIO_API_KEY was refused: exchanging it as a personal access token "

@@ -344,3 +344,12 @@ def test_the_report_page_shows_the_suspects_and_the_progress_of_relabels(fake_ls
     assert f'src="{fake_ls.url}/data/upload/1/task-201.png"' in html      # its thumbnail, from Label Studio
     assert "<td>1</td><td>1</td><td>100%</td>" in html                    # v2: one relabel, it changed the label
     assert html.count('src="data:image/png;base64,') == 2                  # the two plots
+
+
+def test_the_report_still_opens_when_label_studio_is_down(fake_ls, monkeypatch):
+    run_training_job(1, settings=Settings.from_env())
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")          # nothing listens there
+    page = create_app(Settings.from_env()).test_client().get("/report?project=1")
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and "no thumbnails: Label Studio could not be reached" in html
+    assert html.count('class="card"') > 0 and "<img src=" not in html.split('id="suspects"')[1]
