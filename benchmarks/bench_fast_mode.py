@@ -220,22 +220,28 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="quality seeds (none: skip)")
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers decoding the files")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice; 1 on a "
+                        "machine shared with other work, where idle threads spinning make small steps 20x slower)")
     parser.add_argument("--cache", type=Path, default=Path(".cache/bench_fast_mode"))
     parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     folder = args.cache / f"{IMAGE_SIZE}px"
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.measure:
         print(json.dumps(measure(args.measure, folder, args.num_workers)))
         return
     logging.basicConfig(level=logging.WARNING)
     write_images(folder, max([*args.sizes, RATE_SAMPLES]))   # here, so no measured process pays for it
-    rates = full_network_rates(folder)
+    rates = full_network_rates(folder)     # in this process: with the threads of the measured ones
     print(f"full network at {IMAGE_SIZE} px: {rates}", file=sys.stderr, flush=True)
     rows = []
     for count in args.sizes:
         done = subprocess.run([sys.executable, __file__, "--measure", str(count), "--num-workers",
-                               str(args.num_workers), "--cache", str(args.cache)],
+                               str(args.num_workers), "--cache", str(args.cache), "--threads", str(args.threads)],
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"the {count}-image run failed:\n{done.stderr[-3000:]}")

@@ -300,10 +300,13 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     cache = ImageCache(settings.cache_dir, client, max_cache_bytes=settings.image_cache_max_mb * 2**20,
                        protect_seconds=settings.job_timeout)
     load_image = settings.image_loader(engine.load_image)
-    streaming = len(tasks) > settings.stream_above_tasks
-    if streaming:       # large project: keep file paths, let DataLoader workers decode per batch
-        logger.info("project %d: %d tasks > ALR_STREAM_ABOVE_TASKS=%d: streaming images from the cache",
-                    p, len(tasks), settings.stream_above_tasks)
+    # a large project keeps file paths and lets DataLoader workers decode per batch; so does fast mode,
+    # whose embeddings are found again by the files' bytes (a retraining decodes no image it has seen)
+    streaming = settings.frozen_backbone or len(tasks) > settings.stream_above_tasks
+    if streaming:
+        logger.info("project %d: streaming images from the cache (%s)", p,
+                    "fast mode" if settings.frozen_backbone else
+                    f"{len(tasks)} tasks > ALR_STREAM_ABOVE_TASKS={settings.stream_above_tasks}")
         ok_idx, paths, errors = cache_task_images(tasks, info.image_field, cache, load_image,
                                                   image_size=settings.image_size, channels=settings.channels)
 

@@ -208,8 +208,14 @@ def embed_images(backbone: FrozenBackbone, images: ImageSource, *, config: Engin
             vectors = backbone(x).cpu()
             out[rows] = vectors
             if cache:
-                for row, vector in zip(rows.tolist(), vectors.numpy()):
-                    cache.put(keys[row], vector)
+                try:
+                    for row, vector in zip(rows.tolist(), vectors.numpy()):
+                        cache.put(keys[row], vector)
+                except OSError as exc:       # a full or read-only disk costs the next training time, not this one
+                    logger.warning("cannot write the embedding cache in %s (%s): this training goes on without "
+                                   "it; the next one embeds these images again. Free space there or move "
+                                   "MODEL_DIR / embedding_cache_dir", cache.folder, exc)
+                    cache = None
             done += len(rows)
             if progress:
                 progress("embedding", done / len(missing))

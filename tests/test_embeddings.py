@@ -119,6 +119,28 @@ def test_streamed_files_are_keyed_by_their_bytes_and_a_damaged_cache_file_is_rec
     assert np.load(damaged).shape == (backbone.embedding_dim,)  # replaced by a whole file
 
 
+def test_a_full_disk_under_the_cache_costs_the_next_training_time_not_this_training(tmp_path, monkeypatch, caplog):
+    import errno
+
+    import model.embeddings as embeddings
+
+    images, _, _ = _stripes(n=10)
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    config = EngineConfig(**FAST_HEADS, embedding_cache_dir=str(tmp_path / "emb"))
+    backbone = FrozenBackbone.build(config, in_channels=3, image_size=16, device=torch.device("cpu"))
+    expected = embed_images(backbone, tensor, config=EngineConfig(**FAST_HEADS), device=torch.device("cpu"),
+                            progress_bar=False)
+
+    def disk_full(handle, array, allow_pickle):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(embeddings.np, "save", disk_full)
+    with caplog.at_level(logging.WARNING, logger="model.embeddings"):
+        got = embed_images(backbone, tensor, config=config, device=torch.device("cpu"), progress_bar=False)
+    torch.testing.assert_close(got, expected)
+    assert "cannot write the embedding cache" in caplog.text and "No space left" in caplog.text
+    assert not list((tmp_path / "emb").rglob("*.npy")) and not list((tmp_path / "emb").rglob("*.tmp"))
+
+
 def test_switching_fast_mode_on_runs_phase_1_again_with_a_reason(tmp_path, caplog):
     images, given, _ = _stripes(n=60)
     full = EngineConfig(**{**FAST_HEADS, "frozen_backbone": False, "arch": "smallcnn"})
