@@ -187,6 +187,7 @@ def embed_images(backbone: FrozenBackbone, images: ImageSource, *, config: Engin
     expected = (backbone.spec["in_channels"], backbone.spec["image_size"], backbone.spec["image_size"])
     if image_shape(images) != expected:
         raise ValueError(f"images are {image_shape(images)} but the frozen backbone takes {expected} (C, H, W)")
+    start = time.perf_counter()
     count = num_images(images)
     out = torch.empty((count, backbone.embedding_dim), dtype=torch.float32)
     cache = EmbeddingCache(config.embedding_cache_dir, backbone.fingerprint) if config.embedding_cache_dir else None
@@ -198,7 +199,7 @@ def embed_images(backbone: FrozenBackbone, images: ImageSource, *, config: Engin
             out[i] = torch.from_numpy(cached)
         else:
             missing.append(i)
-    start = time.perf_counter()
+    compute_start = time.perf_counter()
     if missing:
         batch = config.eval_batch_size if device.type == "cuda" else min(config.eval_batch_size, CPU_EMBED_BATCH)
         batches = list(torch.tensor(missing, dtype=torch.long).split(batch))
@@ -219,9 +220,9 @@ def embed_images(backbone: FrozenBackbone, images: ImageSource, *, config: Engin
             done += len(rows)
             if progress:
                 progress("embedding", done / len(missing))
-    seconds = time.perf_counter() - start
-    logger.info("fast mode: %d embeddings from the cache, %d computed by the frozen %s (%.1f s%s)%s",
-                count - len(missing), len(missing), backbone.spec["arch"], seconds,
-                f", {len(missing) / seconds:.0f} images/s" if missing and seconds > 0 else "",
+    end = time.perf_counter()
+    logger.info("fast mode: %d embeddings from the cache, %d computed by the frozen %s in %.1f s%s%s",
+                count - len(missing), len(missing), backbone.spec["arch"], end - start,
+                f" ({len(missing) / (end - compute_start):.0f} images/s)" if missing else "",
                 "" if cache else "; no embedding_cache_dir: nothing kept for the next training")
     return out.view(count, backbone.embedding_dim, 1, 1)
