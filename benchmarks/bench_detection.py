@@ -313,7 +313,7 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
         "### Relabels to find 80% of the wrong labels, as a multiple of random's expected 0.8 N "
         "(ranking every training sample; lower is better; target for the priority: <= 0.5)", "",
         markdown_table(["ranking", *names], to80_rows), "",
-        "### LNL clean set (network 1's pick in the final epoch) and the forget-rate estimate", "",
+        "### LNL clean set (network 1's picks: majority of the last clean_set_window epochs) and the forget-rate estimate", "",
         "global = the paper's selection (EngineConfig(selection=\"global\"), one ranking per batch, the "
         "overall estimated rate); one rate = class-balanced selection with that one rate in every label; "
         "per-label = the default (class-balanced, each label's own estimated rate). All three use loss + VoG "

@@ -467,8 +467,9 @@ def train_coteaching(images: ImageSource, labels: torch.Tensor, *, num_classes: 
     device and become float there.  Under
     torchrun every rank runs this same function (model/distributed.py).  With validation data the networks of the
     epoch with the best ensemble macro-F1 are kept for Phase 2 (the original went
-    on from the last epoch).  The LNL clean set is network 1's selection in the
-    final epoch, plus every trusted sample.  With ``checkpoint_path`` a checkpoint
+    on from the last epoch).  The LNL clean set is what network 1 selected in most
+    of the last ``clean_set_window`` epochs (:func:`clean_set_vote`; the original took
+    the final epoch's selection), plus every trusted sample.  With ``checkpoint_path`` a checkpoint
     is written atomically after every epoch; ``resume`` continues from it.
     """
     device = select_device(config.device)
