@@ -34,6 +34,7 @@ BENCHMARKS = {
     "backend": ("bench_backend.py", ["--no-label-studio"], ["--no-label-studio", "--repeats", "20"]),
     "webhook": ("bench_webhook.py", [], ["--rounds", "2"]),
     "gpu": ("bench_gpu.py", [], ["--quick"]),
+    "fast_mode": ("bench_fast_mode.py", [], ["--sizes", "1000", "--seeds", "0"]),
 }
 
 STAMP_START = "<!-- report: start -->"

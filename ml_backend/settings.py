@@ -72,6 +72,7 @@ class Settings:
     # engine hyperparameters (model.engine.EngineConfig)
     arch: str = "auto"
     pretrained_weights: str = ""          # ALR_PRETRAINED_WEIGHTS: a ResNet weights file, "imagenet" (torch cache) or ""
+    frozen_backbone: bool = False         # ALR_FROZEN_BACKBONE: fast mode (embeddings of a frozen ResNet, two small heads)
     image_size: int = 32
     resize: str = "stretch"               # ALR_RESIZE: non-square images made square by stretch, pad or crop
     channels: int = 3
@@ -134,7 +135,10 @@ class Settings:
 
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"ALR_RESIZE must be one of {RESIZE_MODES}, got {self.resize!r}")
-        if self.pretrained_weights:
+        if self.frozen_backbone and self.arch not in ("auto", "resnet18", "resnet34", "resnet50"):
+            raise ValueError(f"ALR_FROZEN_BACKBONE needs a ResNet backbone: ALR_ARCH=auto (ResNet-18), resnet18, "
+                             f"resnet34 or resnet50, got {self.arch!r}")
+        if self.pretrained_weights and not self.frozen_backbone:
             from model.networks import resolve_arch
 
             if resolve_arch(self.arch, self.image_size) == "smallcnn":
@@ -152,8 +156,14 @@ class Settings:
 
     @property
     def training_processes(self) -> int:
-        """Processes one training job runs (1 = in the worker's own process, the default)."""
-        return self.train_processes or self.gpus_per_job
+        """Processes one training job runs (1 = in the worker's own process, the default; always 1 in
+        fast mode, whose heads train in seconds)."""
+        return 1 if self.frozen_backbone else self.train_processes or self.gpus_per_job
+
+    @property
+    def embedding_cache_dir(self) -> str:
+        """Fast mode's embeddings, by backbone and image (small: 2-8 KB an image)."""
+        return os.path.join(self.model_dir, "embedding_cache")
 
     @property
     def cache_dir(self) -> str:
@@ -204,6 +214,7 @@ _ENV = {
     "max_unseen_per_request": ("ALR_MAX_UNSEEN_PER_REQUEST", int),
     "arch": ("ALR_ARCH", str),
     "pretrained_weights": ("ALR_PRETRAINED_WEIGHTS", str),
+    "frozen_backbone": ("ALR_FROZEN_BACKBONE", _bool),
     "image_size": ("ALR_IMAGE_SIZE", int),
     "resize": ("ALR_RESIZE", str),
     "channels": ("ALR_CHANNELS", int),

@@ -63,6 +63,8 @@ def engine_config(engine, settings: Settings, *, streaming: bool = False):
     extra = {"num_workers": settings.dataloader_workers} if streaming else {}
     return engine.EngineConfig(arch=settings.arch, image_size=settings.image_size, resize=settings.resize,
                                pretrained_weights=settings.pretrained_weights or None,
+                               frozen_backbone=settings.frozen_backbone,
+                               embedding_cache_dir=settings.embedding_cache_dir if settings.frozen_backbone else None,
                                epochs=settings.epochs, finetune_epochs=settings.finetune_epochs,
                                batch_size=settings.batch_size, forget_rate=settings.forget_rate,
                                seed=settings.seed, **extra)
@@ -291,16 +293,20 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
 
     progress("download", 0.0)
     logger.info("project %d: images made %d x %d px by %s, %s (ALR_IMAGE_SIZE, ALR_RESIZE, ALR_CHANNELS); "
-                "network %s%s", p, settings.image_size, settings.image_size, settings.resize,
+                "network %s%s%s", p, settings.image_size, settings.image_size, settings.resize,
                 "RGB" if settings.channels == 3 else "grey",
-                settings.arch, f", weights {settings.pretrained_weights}" if settings.pretrained_weights else "")
+                settings.arch, f", weights {settings.pretrained_weights}" if settings.pretrained_weights else "",
+                ", frozen: fast mode (ALR_FROZEN_BACKBONE)" if settings.frozen_backbone else "")
     cache = ImageCache(settings.cache_dir, client, max_cache_bytes=settings.image_cache_max_mb * 2**20,
                        protect_seconds=settings.job_timeout)
     load_image = settings.image_loader(engine.load_image)
-    streaming = len(tasks) > settings.stream_above_tasks
-    if streaming:       # large project: keep file paths, let DataLoader workers decode per batch
-        logger.info("project %d: %d tasks > ALR_STREAM_ABOVE_TASKS=%d: streaming images from the cache",
-                    p, len(tasks), settings.stream_above_tasks)
+    # a large project keeps file paths and lets DataLoader workers decode per batch; so does fast mode,
+    # whose embeddings are found again by the files' bytes (a retraining decodes no image it has seen)
+    streaming = settings.frozen_backbone or len(tasks) > settings.stream_above_tasks
+    if streaming:
+        logger.info("project %d: streaming images from the cache (%s)", p,
+                    "fast mode" if settings.frozen_backbone else
+                    f"{len(tasks)} tasks > ALR_STREAM_ABOVE_TASKS={settings.stream_above_tasks}")
         ok_idx, paths, errors = cache_task_images(tasks, info.image_field, cache, load_image,
                                                   image_size=settings.image_size, channels=settings.channels)
 
@@ -380,7 +386,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
                 "trained_task_labels": {str(int(ok_tasks[j]["id"])): int(ok_labels[j].label)
                                         for j in train_pos},
                 "trusted_task_ids": [int(ok_tasks[j]["id"]) for j in train_pos if ok_labels[j].is_trusted],
-                "settings": {k: getattr(settings, k) for k in ("arch", "image_size", "channels", "epochs",
+                "settings": {k: getattr(settings, k) for k in ("arch", "frozen_backbone", "image_size", "channels", "epochs",
                                                                "finetune_epochs", "batch_size", "seed",
                                                                "label_source", "label_field",
                                                                "gpus_per_job", "train_processes",

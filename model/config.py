@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from model.data import RESIZE_MODES
-from model.networks import ARCHS
+from model.networks import ARCHS, EMBEDDING_HEAD, RESNETS
 from model.vog import VOG_METHODS
 
 SELECTION_MODES = ("global", "class_balanced")
@@ -24,10 +24,14 @@ class EngineConfig:
 
     # network
     arch: str = "auto"                  # "auto" | "smallcnn" | "resnet18" | "resnet34" | "resnet50"
+                                        # ("embedding_head": set by for_embedding_heads, not by users)
     image_size: int = 32                # images are resized to this square size by load_image
     resize: str = "stretch"             # how a non-square image becomes square: "stretch" | "pad" | "crop"
     pretrained_weights: str | None = None   # None | "imagenet" (torch cache only) | a file path
     dropout: float = 0.2
+    frozen_backbone: bool = False       # fast mode: the ResNet (arch; "auto" = resnet18) is frozen and embeds each
+                                        # image once; two small heads learn on the embeddings (model/embeddings.py)
+    embedding_cache_dir: str | None = None  # fast mode: embeddings kept here by image and backbone; None = not kept
     # Phase 1: Co-teaching
     epochs: int = 30
     batch_size: int = 128
@@ -64,7 +68,9 @@ class EngineConfig:
 
     def __post_init__(self):
         checks = [
-            (self.arch in ("auto", *ARCHS), f"arch must be one of {('auto', *ARCHS)}"),
+            (self.arch in ("auto", *ARCHS, EMBEDDING_HEAD), f"arch must be one of {('auto', *ARCHS)}"),
+            (not self.frozen_backbone or self.arch in ("auto", *RESNETS),
+             f"frozen_backbone needs a ResNet backbone: arch must be 'auto' or one of {tuple(RESNETS)}"),
             (self.vog_method in VOG_METHODS, f"vog_method must be one of {VOG_METHODS}"),
             (self.vog_source in VOG_SOURCES, f"vog_source must be one of {VOG_SOURCES}"),
             (self.vog_source == "eval_pass" or self.vog_method == "last_layer",
@@ -96,6 +102,17 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid EngineConfig: {message}")
+
+    @property
+    def backbone_arch(self) -> str:
+        """The frozen backbone's architecture (fast mode): "auto" means ResNet-18 at any image size."""
+        return "resnet18" if self.arch == "auto" else self.arch
+
+    def for_embedding_heads(self) -> "EngineConfig":
+        """The configuration the two heads of fast mode train with, and that their checkpoint stores
+        (the frozen backbone is stored beside it): embeddings in, so no augmentation and no weights file."""
+        return dataclasses.replace(self, arch=EMBEDDING_HEAD, frozen_backbone=False, pretrained_weights=None,
+                                   augment="none")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -128,7 +128,7 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, *, image_size: int,
                 image = ImageOps.fit(image, size, method=Image.BILINEAR)
             else:
                 image = image.resize(size, Image.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
+            array = np.array(image, dtype=np.uint8)      # a writable copy (torch warns on read-only arrays)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot read image {name}: {error}") from error
     return array[..., None] if channels == 1 else array

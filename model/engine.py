@@ -25,6 +25,7 @@ from model.coteaching import (TrainingState, finetune, load_checkpoint, mc_dropo
 from model.config import EngineConfig
 from model.data import as_image_array, load_image, to_storage, to_tensor
 from model.device import select_device
+from model.embeddings import FrozenBackbone, embed_images
 from model.sources import FileImages, ImageSource, image_shape, num_images, place
 from selection import rank, scores
 from selection._validation import check_labels
@@ -96,12 +97,24 @@ def train_and_score(images, labels, *, sample_ids=None, class_names, trusted_mas
     checkpoint_path : where the new checkpoint is written (atomically).
     val_images, val_labels : optional clean validation data; Phase 1 keeps the
         epoch with the best macro-F1 on it.
+
+    With ``config.frozen_backbone`` (fast mode) the images are embedded once by
+    the frozen backbone (model/embeddings.py) and everything above happens to
+    two small heads on the embeddings; the checkpoint stores the heads and the
+    backbone, so scoring needs nothing else.
     """
     config = config or EngineConfig()
     class_names = [str(name) for name in class_names]
     if len(class_names) < 2:
         raise ValueError(f"at least 2 classes are needed to train a classifier, got {class_names}")
-    x = as_source(images, config.device)
+    backbone = None
+    if config.frozen_backbone:
+        backbone, x = _embedded(images, config, progress=progress, progress_bar=progress_bar)
+        if val_images is not None:
+            _, val_images = _embedded(val_images, config, backbone=backbone, progress_bar=False)
+        config = config.for_embedding_heads()
+    else:
+        x = as_source(images, config.device)
     labels = check_labels(labels, len(class_names))
     if len(labels) != num_images(x):
         raise ValueError(f"{num_images(x)} images but {len(labels)} labels")
@@ -116,11 +129,14 @@ def train_and_score(images, labels, *, sample_ids=None, class_names, trusted_mas
         raise ValueError(f"trusted_mask must have shape {labels.shape}, got {trusted_mask.shape}")
 
     y, trusted = torch.from_numpy(labels), torch.from_numpy(trusted_mask)
-    val = (None, None) if val_images is None else (to_tensor(as_image_array(val_images)),
-                                                    torch.from_numpy(check_labels(val_labels, len(class_names))))
-    previous = _fine_tunable(previous_checkpoint, class_names, x, config)
+    val = (None, None) if val_images is None else (
+        val_images if backbone else to_tensor(as_image_array(val_images)),
+        torch.from_numpy(check_labels(val_labels, len(class_names))))
+    previous = _fine_tunable(previous_checkpoint, class_names, x, config, backbone)
     extra = {"class_names": class_names, "sample_ids": torch.from_numpy(sample_ids),
              "labels": y, "trusted_mask": trusted}
+    if backbone is not None:
+        extra["frozen_backbone"] = backbone.state_dict()
     if previous is None:
         state = train_coteaching(x, y, num_classes=len(class_names), trusted=trusted, config=config,
                                  val_images=val[0], val_labels=val[1], checkpoint_path=checkpoint_path,
@@ -159,7 +175,12 @@ def score_images(checkpoint_path: str | os.PathLike, images, labels=None, *, sam
     state, saved = load_checkpoint(checkpoint_path, device=None if config is None else select_device(config.device))
     config = config or EngineConfig.from_dict(saved["config"])
     class_names = list(saved["class_names"])
-    x = as_source(images, config.device)
+    if "frozen_backbone" in saved:      # fast mode: the heads score the stored backbone's embeddings
+        backbone = FrozenBackbone.from_state_dict(saved["frozen_backbone"], select_device(config.device))
+        _, x = _embedded(images, config, backbone=backbone, progress_bar=False)
+        config = config.for_embedding_heads()
+    else:
+        x = as_source(images, config.device)
     count = num_images(x)
     labels = np.full(count, -1, np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
     if labels.shape != (count,) or labels.min(initial=0) < -1 or labels.max(initial=0) >= len(class_names):
@@ -172,7 +193,21 @@ def score_images(checkpoint_path: str | os.PathLike, images, labels=None, *, sam
     return _score(state, x, labels, sample_ids, class_names, np.zeros(count, bool), np.full(count, np.nan), config)
 
 
-def _fine_tunable(previous_checkpoint, class_names, images: ImageSource, config: EngineConfig):
+def _embedded(images, config: EngineConfig, *, backbone: FrozenBackbone | None = None, progress=None,
+              progress_bar: bool = True) -> tuple[FrozenBackbone, torch.Tensor]:
+    """Fast mode: the frozen backbone (built from ``config`` unless given) and the images' embeddings,
+    (N, D, 1, 1) on the CPU, where the heads' training places its data."""
+    source = as_source(images, "cpu")          # read on the host, batch by batch to the device
+    device = select_device(config.device)
+    if backbone is None:
+        channels, _, size = image_shape(source)
+        backbone = FrozenBackbone.build(config, in_channels=channels, image_size=size, device=device)
+    return backbone, embed_images(backbone, source, config=config, device=device, progress=progress,
+                                  progress_bar=progress_bar)
+
+
+def _fine_tunable(previous_checkpoint, class_names, images: ImageSource, config: EngineConfig,
+                  backbone: FrozenBackbone | None):
     if previous_checkpoint is None:
         return None
     try:
@@ -182,6 +217,11 @@ def _fine_tunable(previous_checkpoint, class_names, images: ImageSource, config:
                      "fine-tuning", previous_checkpoint, type(exc).__name__, exc)
         return None
     spec = state.network_spec
+    saved_backbone = saved.get("frozen_backbone", {}).get("fingerprint")
+    if saved_backbone != (backbone.fingerprint if backbone else None):
+        logger.warning("The previous checkpoint was trained %s and this training is %s: running Phase 1 again "
+                       "instead of fine-tuning", _mode(saved_backbone), _mode(backbone and backbone.fingerprint))
+        return None
     if list(saved["class_names"]) != class_names:
         logger.warning("The classes changed (%s -> %s): running Phase 1 again instead of fine-tuning",
                        list(saved["class_names"]), class_names)
@@ -191,6 +231,10 @@ def _fine_tunable(previous_checkpoint, class_names, images: ImageSource, config:
         logger.warning("The image shape changed: running Phase 1 again instead of fine-tuning")
         return None
     return state, saved
+
+
+def _mode(fingerprint: str | None) -> str:
+    return f"on the frozen backbone {fingerprint[:12]}" if fingerprint else "as a full network (no frozen backbone)"
 
 
 def _positions(saved_ids: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:

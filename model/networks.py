@@ -7,6 +7,11 @@ Every network returned by :func:`build_network` has the same interface:
 * ``classifier`` -> the last ``nn.Linear(D, K)``, whose rows VoG tracks;
 * ``head(h)`` -> logits from features (dropout, then the classifier).
 
+``"embedding_head"`` is the network of the frozen-backbone (fast) mode: its
+"images" are (D, 1, 1) embeddings of a frozen pretrained backbone
+(model/embeddings.py), standardised per dimension, and its backbone is one
+hidden layer; Co-teaching and VoG treat it like any other network.
+
 Inputs are float images in [0, 1]; each network normalises them itself with the
 per-channel mean and std it was built with (kept as buffers, so a checkpoint
 carries them and scoring needs nothing else).
@@ -29,6 +34,8 @@ RESNETS = {
     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1),
 }
 ARCHS = ("smallcnn", *RESNETS)
+EMBEDDING_HEAD = "embedding_head"   # the heads of the frozen-backbone mode, on (D, 1, 1) embeddings
+EMBEDDING_HEAD_WIDTH = 256
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_IMAGE_MAX_SIZE = 32
@@ -79,6 +86,11 @@ def _small_cnn_backbone(in_channels: int, width: int = 32) -> tuple[nn.Module, i
               *block(width, 2 * width), *block(2 * width, 2 * width), nn.MaxPool2d(2),
               *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers), 4 * width
+
+
+def _embedding_head_backbone(embedding_dim: int, width: int = EMBEDDING_HEAD_WIDTH) -> tuple[nn.Module, int]:
+    layers = [nn.Flatten(), nn.Linear(embedding_dim, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers), width
 
 
 def _resnet_backbone(arch: str, *, small_input_stem: bool, pretrained_weights: str | None) -> tuple[nn.Module, int]:
@@ -142,7 +154,8 @@ def build_network(arch: str, *, num_classes: int, in_channels: int, image_size: 
 
     Parameters
     ----------
-    arch : "auto", "smallcnn", "resnet18", "resnet34" or "resnet50".
+    arch : "auto", "smallcnn", "resnet18", "resnet34", "resnet50", or "embedding_head"
+        (inputs (D, 1, 1) embeddings, ``in_channels`` = D).
     in_channels : 1 (grey) or 3 (RGB). ResNets repeat a grey channel to RGB.
     mean, std : per-channel normalisation of [0, 1] inputs; ImageNet's when
         pretrained weights are loaded, 0.5 / 0.25 when neither is given.
@@ -152,9 +165,15 @@ def build_network(arch: str, *, num_classes: int, in_channels: int, image_size: 
     small_input_stem : ResNets only; None = :func:`default_small_input_stem`.  A
         checkpoint stores the resolved value so that it rebuilds the same network.
     """
-    arch = resolve_arch(arch, image_size)
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if arch == EMBEDDING_HEAD:
+        if pretrained_weights:
+            raise ValueError("the embedding head has no pretrained weights (its backbone is the frozen one)")
+        backbone, feature_dim = _embedding_head_backbone(in_channels)
+        return _Classifier(backbone, feature_dim, num_classes, mean=_per_channel(0.0 if mean is None else mean, in_channels),
+                           std=_per_channel(1.0 if std is None else std, in_channels), dropout=dropout)
+    arch = resolve_arch(arch, image_size)
     if in_channels not in (1, 3):
         raise ValueError(f"images must have 1 or 3 channels, got {in_channels}")
     if arch == "smallcnn":

@@ -341,6 +341,20 @@ def test_pretrained_weights_reach_the_engine_and_need_a_resnet(tmp_path):
         Settings.from_env({"ALR_IMAGE_SIZE": "32", "ALR_PRETRAINED_WEIGHTS": str(weights)})
 
 
+def test_fast_mode_settings_reach_the_engine_in_one_process(tmp_path):
+    from ml_backend.training import engine_config, load_engine
+
+    settings = Settings.from_env({"ALR_FROZEN_BACKBONE": "true", "ALR_IMAGE_SIZE": "224", "ALR_GPUS_PER_JOB": "2",
+                                  "MODEL_DIR": str(tmp_path)})
+    config = engine_config(load_engine(), settings)
+    assert config.frozen_backbone and config.backbone_arch == "resnet18"
+    assert config.embedding_cache_dir == str(tmp_path / "embedding_cache")
+    assert settings.training_processes == 1                   # the heads train in seconds: no torchrun
+    assert engine_config(load_engine(), Settings()).embedding_cache_dir is None
+    with pytest.raises(ValueError, match="ALR_FROZEN_BACKBONE needs a ResNet"):
+        Settings.from_env({"ALR_FROZEN_BACKBONE": "true", "ALR_ARCH": "smallcnn"})
+
+
 def test_versions_are_listed_by_number_not_as_text(tmp_path):
     from ml_backend.store import ProjectStore
 

@@ -7,7 +7,10 @@
   one with Label Studio proxying the bytes; the images are real-size scans: 224-300 px, RGB and
   grey, 8- and 16-bit PNG and JPEG, with EXIF orientation, of mixed sizes;
 * labels made by a team: three annotators per task (users created through the API), the noisy
-  label their majority, one expert named by e-mail whose relabels are trusted.
+  label their majority, one expert named by e-mail whose relabels are trusted;
+* a project of 224 px RGB images trained AT 224 px in fast mode (``ALR_FROZEN_BACKBONE``: a frozen
+  ResNet-18, random here as nothing may be downloaded), then retrained after relabels from the
+  embeddings it cached.
 
 Each ends with every task predicted and the lowest scores surfacing the wrong labels.
 """
@@ -221,3 +224,64 @@ def test_a_team_project_takes_the_majority_trusts_the_expert_and_surfaces_the_wr
     assert precision >= max(0.5, 2.5 * noise)
     open_now = [t["id"] for t in ls.tasks(pid) if not t["is_labeled"]]
     assert len(open_now) == 50 and not set(open_now) & set(team_project["relabelled"])
+
+
+# -- 224 px RGB images in fast mode ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fast_mode_project(label_studio, admin_pat, tmp_path_factory):
+    from PIL import Image
+
+    workdir = tmp_path_factory.mktemp("fast")
+    stack = backend_stack(label_studio, workdir)
+    ls = ls_api(label_studio)
+    try:
+        data = make_digits_project(n_images=120, noise_rate=NOISE_RATE, pixel_size=224, seed=17)
+        tinted = []
+        for name, png in data.files:            # RGB: the digit in one colour on a darker one
+            grey = Image.open(io.BytesIO(png)).convert("L")
+            buf = io.BytesIO()
+            Image.merge("RGB", (grey, grey.point(lambda v: 40 + v * 0.7), grey.point(lambda v: 90 + v * 0.4))
+                        ).save(buf, "PNG")
+            tinted.append((name, buf.getvalue()))
+        data = DigitsProject(files=tinted, given=data.given, truth=data.truth)
+        pid = ls.create_project("224 px scans, fast mode")
+        mapping = ls.upload_images(pid, data)
+        stack.start_redis()
+        stack.start_backend(admin_pat, {**BACKEND_ENV, "ALR_IMAGE_SIZE": "224", "ALR_CHANNELS": "3",
+                                        "ALR_FROZEN_BACKBONE": "true", "ALR_ARCH": "resnet18"})
+        ls.connect_backend(pid, stack.backend_url, stack.backend_auth)
+        ls.wait_model_version(pid, timeout=400)
+        wait_idle(stack, pid)
+        yield {"stack": stack, "ls": ls, "project": pid, "workdir": workdir,
+               "truth": {tid: (data.given[i], data.truth[i]) for tid, i in mapping.items()}}
+    finally:
+        stack.stop()
+        print_logs(stack)
+
+
+def test_a_project_of_224px_rgb_images_in_fast_mode_is_ordered_and_retrains_from_its_embeddings(fast_mode_project):
+    ls, pid, truth = fast_mode_project["ls"], fast_mode_project["project"], fast_mode_project["truth"]
+    worker_log = Path(fast_mode_project["workdir"]) / "worker.log"
+    version = ls.project(pid)["model_version"]
+    preds = current_predictions(ls, pid, version)
+    assert set(preds) == set(truth)
+    precision, noise = precision_at_20(preds, truth)
+    print(f"224 px, fast mode: precision@20 = {precision:.2f} (noise rate {noise:.2f})")
+    assert precision >= max(0.5, 2.5 * noise)
+    assert f"fast mode: 0 embeddings from the cache, {len(truth)} computed" in worker_log.read_text()
+
+    suspects = sorted(preds, key=lambda tid: preds[tid]["score"])[:3]
+    for tid in suspects:                  # a reviewer relabels the three lowest-scored tasks
+        ls.call("POST", f"/api/tasks/{tid}/annotations", json={
+            "result": [{"from_name": "label", "to_name": "image", "type": "choices",
+                        "value": {"choices": [str(truth[tid][1])]}}], "was_cancelled": False})
+    ls.wait_model_version(pid, not_in={version}, timeout=300)
+    wait_idle(fast_mode_project["stack"], pid)
+    new = ls.project(pid)["model_version"]
+    meta = json.loads((Path(fast_mode_project["workdir"]) / "models" / f"project-{pid}" / "versions" / new
+                       / "meta.json").read_text())
+    assert meta["phase"] == 2 and set(meta["trusted_task_ids"]) <= set(suspects) and meta["trusted_task_ids"]
+    log = worker_log.read_text()
+    assert f"fast mode: {len(truth)} embeddings from the cache, 0 computed" in log, \
+        "the retraining embedded images again instead of reading them back"
+    assert set(current_predictions(ls, pid, new)) == set(truth)
