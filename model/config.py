@@ -51,6 +51,7 @@ class EngineConfig:
     vog_source: str = "train_pass"      # "train_pass": reuse the training forward (no extra pass; augmented, train mode);
                                         # "eval_pass": an extra eval-mode forward on un-augmented images per epoch
     selection: str = "class_balanced"   # "class_balanced" (a quota per label) | "global" (the original)
+    clean_set_window: int = 5           # the LNL clean set: picked in most of the last this many epochs (1 = last only)
     augment: str = "shift"              # "none" | "shift" | "shift_flip" (flips are wrong for digits)
     # Phase 2: fine-tuning on the trusted set
     finetune_epochs: int = 10
@@ -86,6 +87,7 @@ class EngineConfig:
             (0.0 <= self.max_forget_rate < 1.0, "max_forget_rate must be in [0, 1)"),
             (0.0 <= self.mix_ratio <= 1.0, "mix_ratio must be in [0, 1]"),
             (self.tk >= 1, "tk must be >= 1"),
+            (self.clean_set_window >= 1, "clean_set_window must be >= 1 (1 = the final epoch's pick alone)"),
             (2 <= self.vog_window <= self.tk,
              "vog_window must be in [2, tk] so that VoG scores exist when they join the selection after tk"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),

@@ -133,6 +133,7 @@ class TrainingState:
     epoch: int = 0
     phase: str = "coteaching"           # "coteaching" while Phase 1 runs, then "trained"
     lnl_clean_mask: torch.Tensor | None = None
+    recent_picks: torch.Tensor | None = None  # (clean_set_window, N) int8: network 1's last picks (-1: none yet)
     best_states: list[dict] | None = None
     best_score: float = -math.inf
     history: list[dict] = field(default_factory=list)
@@ -428,6 +429,31 @@ def _train_plain_epoch(nets, optimizers, images: ImageSource, labels, *, config,
 
 # --------------------------------------------------------------------------- Phase 1
 
+def clean_set_vote(state: TrainingState, picked: torch.Tensor, epoch: int, window: int) -> torch.Tensor:
+    """The LNL clean set after ``epoch``: the samples network 1 picked in most of the last ``window`` epochs.
+
+    ``picked`` (N,) is this epoch's pick; it goes into ``state.recent_picks``
+    (a ring of ``window`` rows, saved in the checkpoint so that a resumed run
+    votes as an uninterrupted one).  A sample is clean when it was picked in
+    more than half of the epochs the ring holds (all of them once ``epoch`` >=
+    ``window``; window 1 is the final epoch's pick alone, the original's rule).
+
+    Why a vote: each epoch's pick ranks a sample against the others of its
+    random batch, so a sample near its label's quota is in one epoch and out the
+    next.  On digits (long-tailed and step imbalance, symmetric and pair-flip
+    noise, 24 runs) a 5-epoch majority raised both the precision and the recall
+    of the clean set in nearly every run (e.g. 40% symmetric, ratio 20:
+    precision 0.92/0.91/0.91 -> 0.96/0.94/0.95, recall 0.93/0.94/0.91 ->
+    0.95/0.94/0.95 on seeds 0-2), where a union of epochs buys recall with
+    precision (issue 9, benchmarks/RESULTS.md).
+    """
+    picked = picked.to(torch.bool).cpu()
+    if state.recent_picks is None or state.recent_picks.shape != (window, picked.numel()):
+        state.recent_picks = torch.full((window, picked.numel()), -1, dtype=torch.int8)  # -1: no epoch yet
+    state.recent_picks[(epoch - 1) % window] = picked.to(torch.int8)
+    held = int((state.recent_picks[:, 0] >= 0).sum())
+    return (state.recent_picks == 1).sum(dim=0) > held // 2
+
 def train_coteaching(images: ImageSource, labels: torch.Tensor, *, num_classes: int,
                      trusted: torch.Tensor | None = None, config: EngineConfig,
                      val_images: torch.Tensor | None = None, val_labels: torch.Tensor | None = None,
@@ -441,8 +467,9 @@ def train_coteaching(images: ImageSource, labels: torch.Tensor, *, num_classes: 
     device and become float there.  Under
     torchrun every rank runs this same function (model/distributed.py).  With validation data the networks of the
     epoch with the best ensemble macro-F1 are kept for Phase 2 (the original went
-    on from the last epoch).  The LNL clean set is network 1's selection in the
-    final epoch, plus every trusted sample.  With ``checkpoint_path`` a checkpoint
+    on from the last epoch).  The LNL clean set is what network 1 selected in most
+    of the last ``clean_set_window`` epochs (:func:`clean_set_vote`; the original took
+    the final epoch's selection), plus every trusted sample.  With ``checkpoint_path`` a checkpoint
     is written atomically after every epoch; ``resume`` continues from it.
     """
     device = select_device(config.device)
@@ -487,7 +514,7 @@ def train_coteaching(images: ImageSource, labels: torch.Tensor, *, num_classes: 
             for buffer in state.vog_buffers:
                 buffer.commit()
         state.epoch = epoch
-        state.lnl_clean_mask = stats.pop("clean_mask") | trusted
+        state.lnl_clean_mask = clean_set_vote(state, stats.pop("clean_mask"), epoch, config.clean_set_window) | trusted
         record = {"epoch": epoch, "forget_rate": rate, "vog_selection": use_vog, **stats}
         if val_images is not None:
             val_probs, _ = predict(state.networks, val_images, config=config, device=device, ctx=ctx)
@@ -564,6 +591,7 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike, *, config: En
         "epoch": state.epoch,
         "phase": state.phase,
         "lnl_clean_mask": state.lnl_clean_mask,
+        "recent_picks": state.recent_picks,
         "best_states": state.best_states,
         "best_score": state.best_score,
         "history": state.history,
@@ -615,6 +643,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device | None = No
         network_spec=spec, forget_rate=float(checkpoint["forget_rate"]),
         class_forget_rates=list(checkpoint["class_forget_rates"]), epoch=int(checkpoint["epoch"]),
         phase=checkpoint["phase"], lnl_clean_mask=checkpoint["lnl_clean_mask"],
+        recent_picks=checkpoint.get("recent_picks"),
         best_states=checkpoint["best_states"], best_score=float(checkpoint["best_score"]),
         history=list(checkpoint["history"]), generator_state=checkpoint.get("generator_state"))
     return state, checkpoint

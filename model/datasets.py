@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 # ranking drawn with the data's seed would replay the very draw that chose
 # which labels to flip.
 _IMBALANCE_STREAM, _NOISE_STREAM = 101, 102
+NOISE_KINDS = ("symmetric", "class_dependent", "pair_random")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 
@@ -163,6 +164,10 @@ def inject_noise(data: LabelledImages, *, rate: float, kind: str = "symmetric", 
     "symmetric": to a different class chosen uniformly (the paper's noise).
     "class_dependent": class c goes to c + 1 (mod K), the pair-flip noise of the
     Co-teaching paper: look-alike classes confused systematically.
+    "pair_random": pair-flip to a random fixed partner, class c to perm[c] for a
+    random permutation with no fixed point (drawn from the same seeded stream):
+    on long-tailed data c + 1 is always the next smaller class, whereas here a
+    common class may pour its wrong labels into a rare label or the reverse.
     """
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"noise rate must be in [0, 1), got {rate}")
@@ -176,9 +181,19 @@ def inject_noise(data: LabelledImages, *, rate: float, kind: str = "symmetric", 
         noisy[flip] = (truth[flip] + offsets[flip]) % num_classes
     elif kind == "class_dependent":
         noisy[flip] = (truth[flip] + 1) % num_classes
+    elif kind == "pair_random":
+        noisy[flip] = _derangement(num_classes, rng)[truth[flip]]
     else:
-        raise ValueError(f"unknown noise kind {kind!r}; choose 'symmetric' or 'class_dependent'")
+        raise ValueError(f"unknown noise kind {kind!r}; choose one of {NOISE_KINDS}")
     return replace(data, labels=noisy, labels_true=truth.copy())
+
+
+def _derangement(num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation of range(num_classes) with no fixed point (rejection: about e tries)."""
+    while True:
+        perm = rng.permutation(num_classes)
+        if num_classes < 2 or (perm != np.arange(num_classes)).all():
+            return perm
 
 
 def stratified_split(labels: np.ndarray, *, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest / smallest class, for digits, --image-folder and --hdf5 (default 20; 1 = none)")
     parser.add_argument("--imbalance", choices=("long_tailed", "step"), default="long_tailed")
     parser.add_argument("--noise-rate", type=float, default=0.4, help="label noise to inject (default 0.4)")
-    parser.add_argument("--noise", choices=("symmetric", "class_dependent"), default="symmetric")
+    parser.add_argument("--noise", choices=("symmetric", "class_dependent", "pair_random"), default="symmetric")
     parser.add_argument("--test-fraction", type=float, default=0.25,
                         help="clean test share held out per class before imbalance and noise (default 0.25)")
     parser.add_argument("--image-size", type=int, default=32, help="resize for --image-folder (default 32)")

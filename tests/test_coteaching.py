@@ -243,3 +243,36 @@ def test_the_noise_rate_estimate_of_a_large_project_uses_a_capped_subset(caplog)
                                                   generator=torch.Generator().manual_seed(0))
     assert "uniform subset of 150 untrusted samples" in caplog.text
     assert 0.0 < overall < 0.6 and len(per_class) == 3
+
+
+def test_clean_set_is_the_majority_of_the_last_epochs_picks():
+    from types import SimpleNamespace
+
+    from model.coteaching import clean_set_vote
+
+    state = SimpleNamespace(recent_picks=None)
+    picks = [[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 0], [0, 1, 1, 0]]
+    masks = [clean_set_vote(state, torch.tensor(p, dtype=torch.bool), epoch, 3).tolist()
+             for epoch, p in enumerate(picks, start=1)]
+    assert masks[0] == [True, True, False, False]     # one epoch held: its pick
+    assert masks[1] == [True, False, False, False]    # two held: picked in both
+    assert masks[2] == [True, False, True, False]     # 2 of 3
+    assert masks[3] == [True, False, True, False]     # epochs 2-4 only: epoch 1 left the ring
+    # window 1 is the final epoch's pick alone (the original rule)
+    single = SimpleNamespace(recent_picks=None)
+    for epoch, p in enumerate(picks, start=1):
+        last = clean_set_vote(single, torch.tensor(p, dtype=torch.bool), epoch, 1)
+    assert last.tolist() == [False, True, True, False]
+
+
+def test_the_clean_set_vote_survives_a_checkpoint(tmp_path):
+    images, labels = _toy_data(60)
+    config = EngineConfig(**FAST, forget_rate=0.3, clean_set_window=3)
+    result = train_and_score(images, labels, class_names=["a", "b", "c"], checkpoint_path=tmp_path / "c.pt",
+                             config=config, progress_bar=False)
+    state, _ = load_checkpoint(tmp_path / "c.pt", device=torch.device("cpu"))
+    assert state.recent_picks.shape == (3, 60) and (state.recent_picks >= 0).all()
+    votes = (state.recent_picks == 1).sum(0) >= 2
+    np.testing.assert_array_equal(result.lnl_clean_mask, votes.numpy())
+    with pytest.raises(ValueError, match="clean_set_window"):
+        EngineConfig(clean_set_window=0)

@@ -31,6 +31,22 @@ def test_calibration_undoes_a_bias_against_a_rare_class():
     assert raw_wrong[9] > 0.5 > calibrated_wrong[9]
 
 
+def test_calibration_is_not_fooled_by_a_rare_label_full_of_wrong_labels():
+    # label 1 is rare and mostly wrong: one true 1 and eight common-class samples given label 1, which the
+    # model (rightly) calls class 0.  The plain mean of p(1) over label 1 counts those eight as timidity
+    # about class 1 and would inflate class 1 sevenfold; the self-confidence weights them out.
+    labels = np.array([0] * 8 + [1] + [1] * 8)
+    probs = np.array([[0.95, 0.05]] * 8 + [[0.2, 0.8]] + [[0.95, 0.05]] * 8)
+    assert scores.class_thresholds(labels, probs)[1] < 0.15
+    assert scores.self_confidence(labels, probs)[1] > 0.5
+    wrong = scores.prob_label_wrong(labels, probs)
+    assert wrong[9:].min() > 0.9 and wrong[8] < 0.2
+    # with the labels right, the weighting changes little: the timid rare class is still lifted
+    clean = np.array([0] * 8 + [1] * 2)
+    timid = np.array([[0.95, 0.05]] * 8 + [[0.6, 0.4]] * 2)
+    assert scores.self_confidence(clean, timid) == pytest.approx(scores.class_thresholds(clean, timid))
+
+
 def test_noise_rate_estimate_is_exact_for_perfect_out_of_sample_probabilities():
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 4, 400)

@@ -65,3 +65,19 @@ def test_npz_interface_and_bad_input(tmp_path):
     missing = tmp_path / "missing.npz"
     np.savez(missing, images=images)
     assert simulate.main(["--npz", str(missing), "--out", str(tmp_path / "m"), "--quiet"]) == 2
+
+
+def test_pair_random_noise_flips_each_class_to_one_fixed_other_class():
+    from model.datasets import inject_noise, load_digits_dataset
+
+    data = load_digits_dataset()
+    noisy = inject_noise(data, rate=0.3, kind="pair_random", seed=4)
+    wrong = noisy.labels != noisy.labels_true
+    assert 0.25 < wrong.mean() < 0.35
+    partner = {}
+    for true, given in zip(noisy.labels_true[wrong], noisy.labels[wrong]):
+        assert partner.setdefault(int(true), int(given)) == int(given)     # one partner per class
+    assert sorted(partner) == list(range(10)) and sorted(partner.values()) == list(range(10))
+    assert all(c != p for c, p in partner.items())
+    again = inject_noise(data, rate=0.3, kind="pair_random", seed=4)
+    np.testing.assert_array_equal(noisy.labels, again.labels)
