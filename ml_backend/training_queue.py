@@ -164,7 +164,10 @@ class RunningLock:
     def __init__(self, connection, project_id: int, *, ttl: int = RUNNING_LOCK_TTL):
         self.project_id = int(project_id)
         self.ttl = ttl
-        self._lock = connection.lock(_key(project_id, "running"), timeout=ttl, blocking_timeout=LOCK_WAIT_SECONDS)
+        # thread_local=False: the token must be seen by the heartbeat thread, which renews the lock
+        # (with redis-py's default, reacquire() from that thread fails and the lock lapses after ttl)
+        self._lock = connection.lock(_key(project_id, "running"), timeout=ttl, blocking_timeout=LOCK_WAIT_SECONDS,
+                                     thread_local=False)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

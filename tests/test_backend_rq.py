@@ -92,6 +92,27 @@ def test_concurrent_requests_create_one_pending_job(rq_env):
     assert job.meta["events"] == 20 and queue.queue.count == 1
 
 
+def test_the_running_lock_outlives_its_ttl_while_held_and_lapses_after_its_holder_stops(rq_env, caplog):
+    from ml_backend.training_queue import RunningLock, mark_dirty, orphaned_projects
+
+    conn = redis.Redis.from_url(rq_env)
+    lock = RunningLock(conn, 5, ttl=2)            # renewed every 2/3 s by its heartbeat thread
+    assert lock.acquire()
+    mark_dirty(conn, 5, "job-5")
+    try:
+        time.sleep(5)                              # 2.5 TTLs: a job longer than the lock's TTL
+        assert conn.exists("alr:train:5:running"), "the heartbeat did not renew the lock"
+        assert 5 not in orphaned_projects(conn)    # the watchdog must not queue a second job
+        assert not RunningLock(conn, 5, ttl=2).acquire()
+        assert "could not renew" not in caplog.text
+    finally:
+        lock._stop.set()                           # the holder dies without releasing (SIGKILL)
+        lock._thread.join(5)
+    time.sleep(2.5)
+    assert not conn.exists("alr:train:5:running") and 5 in orphaned_projects(conn)
+    conn.delete("alr:train:5:dirty")
+
+
 def test_burst_of_50_webhooks_at_most_2_jobs_final_model_has_every_annotation(fake_ls, rq_worker):
     client = create_app().test_client()
     conn = redis.Redis.from_url(os.environ["REDIS_URL"])
