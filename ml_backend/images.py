@@ -23,13 +23,14 @@ import base64
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from model.files import atomic_write
 
 from .ls_client import LabelStudioClient, LabelStudioError
 
@@ -105,11 +106,7 @@ class ImageCache:
         if not data:
             raise ImageError(f"image is empty: {url[:120]}")
         self._make_room(len(data))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dl-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        atomic_write(path, lambda out: out.write(data), durable=False)
         return path
 
     def release(self, path: Path) -> None:

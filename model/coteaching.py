@@ -18,7 +18,6 @@ import copy
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,6 +33,7 @@ from model.config import EngineConfig
 from model.data import apply_augmentation, channel_stats, draw_augmentation
 from model.device import autocast, make_grad_scaler, seed_everything, select_device, to_device
 from model.distributed import DistContext
+from model.files import atomic_write
 from model.networks import build_network, default_small_input_stem
 from model.sources import ImageSource, image_shape, iterate_batches, num_images, sequential_batches, stats_sample, take
 from model.vog import VoGBuffer, input_gradient, last_layer_gradient
@@ -598,18 +598,7 @@ def save_checkpoint(state: TrainingState, path: str | os.PathLike, *, config: En
         "generator_state": state.generator_state,
         **(extra or {}),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            torch.save(checkpoint, tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda out: torch.save(checkpoint, out))
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: torch.device | None = None,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from model.config import EngineConfig
 from model.device import autocast, to_device
+from model.files import atomic_write
 from model.networks import build_network, default_small_input_stem
 from model.sources import FileImages, ImageSource, image_shape, iterate_batches, num_images
 
@@ -163,16 +163,7 @@ class EmbeddingCache:
             return None
 
     def put(self, key: str, embedding: np.ndarray) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{key[:8]}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.save(out, embedding, allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self._path(key), lambda out: np.save(out, embedding, allow_pickle=False), durable=False)
 
 
 def embed_images(backbone: FrozenBackbone, images: ImageSource, *, config: EngineConfig, device: torch.device,
