@@ -6,7 +6,7 @@
 For each seed, one ``selection.simulate.run`` with ``--rounds R --sampler all``:
 digits, long-tailed ratio 20, 40% symmetric noise, 25% of each class held out as a
 clean test set; Phase 1 (Co-teaching + VoG, default EngineConfig: class-balanced
-selection with per-label forget rates, rarity_weight 0.5) once, then per
+selection with per-label forget rates, rarity_weight 0.25) once, then per
 sampler R rounds of ``--budget`` relabels drawn from the samples LNL discarded,
 answered by the oracle, with fine-tuning on the trusted set after each round.
 Reports per round: the fraction of all label errors fixed, and the clean test
@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _results import provenance, markdown_table, mean_std, replace_section  # noqa: E402
+from model.config import EngineConfig  # noqa: E402
 from selection import simulate  # noqa: E402
 
 SECTION = "Engine: relabel budget curves (all samplers)"
@@ -130,8 +131,9 @@ def main(argv=None) -> int:
         f"Digits, long-tailed ratio 20 ({reports[0]['dataset']['num_samples']} training samples, "
         f"{reports[0]['dataset']['test_samples']} clean test samples), {int(args.noise_rate * 100)}% {args.noise} "
         f"noise ({mean_std(wrong_in_pool, '{:.0f}')} wrong labels), seeds {args.seeds}; Phase 1: {args.epochs} "
-        f"epochs, default EngineConfig (class-balanced selection with per-label forget rates, VoG from the eval "
-        f"pass, relabel priority rarity_weight 0.5); then {args.rounds} rounds of {args.budget} relabels from the LNL-discarded "
+        f"epochs, default EngineConfig (class-balanced selection with per-label forget rates, VoG snapshot from "
+        f"the {EngineConfig.vog_source.replace('_', ' ')}, early-learning regularisation weight "
+        f"{EngineConfig.elr_weight:g}, relabel priority rarity_weight {EngineConfig.rarity_weight:g}); then {args.rounds} rounds of {args.budget} relabels from the LNL-discarded "
         f"pool ({mean_std(pool, '{:.0f}')} samples), {args.finetune_epochs} fine-tuning epochs per round. "
         "Columns: relabels spent. Mean ± std over seeds. Plot: benchmarks/budget_curves.png.", "",
         "### Fraction of all label errors fixed", "", table("errors_fixed", "{:.3f}"), "",

@@ -18,7 +18,8 @@ and its noisy labels:
 (c) Co-teaching + VoG (the default EngineConfig: class-balanced selection with per-label
     forget rates); score = result.loss, and VoG alone.
 (d) the project's priority (selection.rank.relabel_priority on the pred_probs of (c)) at
-    rarity_weight 0 (= prob_label_wrong), 0.5 (the default, = result.priority) and 1;
+    rarity_weight 0 (= prob_label_wrong), 0.25 (the default, = result.priority), 0.5 (the
+    previous default) and 1;
     also the default priority after the paper's global selection (run G below).
 (e) cleanlab confident learning on out-of-sample pred_probs from a stratified
     K-fold cross-validation (own loop) of the same small CNN trained like (a):
@@ -75,11 +76,12 @@ DETECTORS = [  # (key, label in the table)
     ("coteach_vog", "(c) Co-teaching + VoG (default, per-label rates): loss"),
     ("vog", "(c) VoG score alone"),
     ("prob_label_wrong", "(d) priority, rarity_weight 0 (prob_label_wrong)"),
-    ("priority", "(d) priority, rarity_weight 0.5 (default)"),
-    ("priority_r1", "(d) priority, rarity_weight 1 (previous default)"),
-    ("priority_global", "(d) priority 0.5 after the paper's global selection"),
+    ("priority", "(d) priority, rarity_weight 0.25 (default)"),
+    ("priority_r05", "(d) priority, rarity_weight 0.5 (previous default)"),
+    ("priority_r1", "(d) priority, rarity_weight 1"),
+    ("priority_global", "(d) default priority after the paper's global selection"),
     ("cleanlab", "(e) cleanlab label quality (K-fold CV probs)"),
-    ("priority_cv", "(e') project priority (0.5) on the K-fold CV probs"),
+    ("priority_cv", "(e') project priority (default) on the K-fold CV probs"),
     ("prob_label_wrong_cv", "(e') prob_label_wrong on the K-fold CV probs"),
 ]
 LNL_VARIANTS = [  # (key, label): the LNL clean sets compared
@@ -177,9 +179,10 @@ def run_case(*, seed: int, noise_rate: float, noise: str, imbalance: str, epochs
         "coteach_vog": res_c.loss, "vog": res_c.vog_scores,
         "prob_label_wrong": rank.relabel_priority(labels, res_c.pred_probs, rarity_weight=0.0),
         "priority": res_c.priority,
+        "priority_r05": rank.relabel_priority(labels, res_c.pred_probs, rarity_weight=0.5),
         "priority_r1": rank.relabel_priority(labels, res_c.pred_probs, rarity_weight=1.0),
         "priority_global": res_g.priority,
-        "priority_cv": rank.relabel_priority(labels, cv_probs, rarity_weight=0.5),
+        "priority_cv": rank.relabel_priority(labels, cv_probs),
         "prob_label_wrong_cv": rank.relabel_priority(labels, cv_probs, rarity_weight=0.0),
     }
     out["cv_noise_estimates"] = {m: scores_mod.estimate_noise_rate(labels, cv_probs, method=m)
@@ -306,7 +309,8 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
         f"Digits, long-tailed ratio 20 (class counts {first['class_counts']}, {first['n']} training samples), "
         f"seeds {list(seeds)}, {args.epochs} epochs, default EngineConfig otherwise (small CNN at 8 px, "
         f"Tk 10, W 5, mix 0.2, VoG snapshot from the training pass (vog_source=\"train_pass\"), class-balanced selection with per-label forget rates "
-        f"estimated, rarity_weight 0.5), cleanlab CV: {args.folds} folds. "
+        f"estimated, early-learning regularisation weight {EngineConfig.elr_weight:g}, rarity_weight "
+        f"{EngineConfig.rarity_weight:g}), cleanlab CV: {args.folds} folds. "
         "Mean ± std over seeds.", "",
         "### AUROC for detecting wrong labels (higher is better)", "",
         markdown_table(["detector", *names], auroc_rows), "",
@@ -365,7 +369,7 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
         rs = results[key]
         mean = lambda f: float(np.mean([f(r) for r in rs]))  # noqa: E731
         pr = mean(lambda r: r["to_80"]["priority"] / r["random_80"])
-        rows = [["priority (rarity 0.5, default) finds 80% of wrong labels with <= 0.5x random's relabels",
+        rows = [["priority (default) finds 80% of wrong labels with <= 0.5x random's relabels",
                  f"{pr:.2f}x", "met" if pr <= 0.5 else "missed", f"{pr - 0.5:+.2f}x"]]
         for v, label in LNL_VARIANTS[::-1]:
             mm = mean(lambda r: r["lnl"][v]["min_maj"])
@@ -374,8 +378,8 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
                          "met" if mm >= 0.8 else "missed", f"{mm - 0.8:+.2f}"])
         if with_cleanlab:
             a_c = mean(lambda r: r["auroc"]["cleanlab"])
-            for k, label in (("priority", "priority AUROC (rarity 0.5, default) >= cleanlab's"),
-                             ("prob_label_wrong", "same, rarity 0"), ("priority_r1", "same, rarity 1")):
+            for k, label in (("priority", "priority AUROC (rarity 0.25, default) >= cleanlab's"),
+                             ("prob_label_wrong", "same, rarity 0"), ("priority_r05", "same, rarity 0.5")):
                 a_p = mean(lambda r: r["auroc"][k])
                 rows.append([label, f"{a_p:.3f} vs {a_c:.3f}", "met" if a_p >= a_c else "missed",
                              f"{a_p - a_c:+.3f}"])

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from model.data import RESIZE_MODES
 from model.networks import ARCHS, EMBEDDING_HEAD, RESNETS
 from model.vog import VOG_METHODS
+from selection.rank import DEFAULT_RARITY_WEIGHT
 
 SELECTION_MODES = ("global", "class_balanced")
 VOG_SOURCES = ("eval_pass", "train_pass")
@@ -52,12 +53,15 @@ class EngineConfig:
                                         # "eval_pass": an extra eval-mode forward on un-augmented images per epoch
     selection: str = "class_balanced"   # "class_balanced" (a quota per label) | "global" (the original)
     clean_set_window: int = 5           # the LNL clean set: picked in most of the last this many epochs (1 = last only)
+    elr_weight: float = 1.0             # lambda of early-learning regularisation on each network's training loss
+                                        # (model.coteaching.early_learning_penalty); 0 = plain Co-teaching
+    elr_momentum: float = 0.7           # beta: each sample's target is this running average of the predictions
     augment: str = "shift"              # "none" | "shift" | "shift_flip" (flips are wrong for digits)
     # Phase 2: fine-tuning on the trusted set
     finetune_epochs: int = 10
     finetune_lr: float = 0.01
     # relabel ranking
-    rarity_weight: float = 0.5          # g of selection.rank.relabel_priority: 0 = probability the label is wrong
+    rarity_weight: float = DEFAULT_RARITY_WEIGHT  # 0.25: g of selection.rank.relabel_priority (0 = P(label wrong))
     # runtime
     device: str = "auto"                # "auto" | "cuda" | "mps" | "cpu"
     amp: bool = True                    # float16 mixed precision on CUDA only
@@ -87,6 +91,8 @@ class EngineConfig:
             (0.0 <= self.max_forget_rate < 1.0, "max_forget_rate must be in [0, 1)"),
             (0.0 <= self.mix_ratio <= 1.0, "mix_ratio must be in [0, 1]"),
             (self.tk >= 1, "tk must be >= 1"),
+            (self.elr_weight >= 0, "elr_weight must be >= 0 (0 = no early-learning regularisation)"),
+            (0.0 <= self.elr_momentum < 1.0, "elr_momentum must be in [0, 1)"),
             (self.clean_set_window >= 1, "clean_set_window must be >= 1 (1 = the final epoch's pick alone)"),
             (2 <= self.vog_window <= self.tk,
              "vog_window must be in [2, tk] so that VoG scores exist when they join the selection after tk"),

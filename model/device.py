@@ -91,3 +91,18 @@ def seed_everything(seed: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+def global_rng_state() -> dict:
+    """torch's global random state (dropout masks draw from it), CPU and every CUDA device, for a checkpoint."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_global_rng_state(state: dict | None) -> None:
+    """Put back what :func:`global_rng_state` saved; CUDA states only where this machine has as many devices."""
+    if not state:
+        return
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vog-method", choices=VOG_METHODS, default=EngineConfig.vog_method)
     parser.add_argument("--vog-source", choices=VOG_SOURCES, default=EngineConfig.vog_source)
     parser.add_argument("--mix-ratio", type=float, default=EngineConfig.mix_ratio)
+    parser.add_argument("--elr-weight", type=float, default=EngineConfig.elr_weight,
+                        help="weight of early-learning regularisation in Co-teaching (0 = plain Co-teaching)")
     parser.add_argument("--rarity-weight", type=float, default=EngineConfig.rarity_weight,
                         help="weight of class rarity in the relabel priority (0 = probability the label is wrong)")
     parser.add_argument("--arch", default=EngineConfig.arch)
@@ -279,7 +281,7 @@ def run(args) -> dict:
         raise ValueError("relabelling rounds need the oracle's labels (labels_true in the .npz)")
     config = EngineConfig(epochs=args.epochs, finetune_epochs=args.finetune_epochs, forget_rate=args.forget_rate,
                           selection=args.selection, vog_method=args.vog_method, vog_source=args.vog_source,
-                          mix_ratio=args.mix_ratio,
+                          mix_ratio=args.mix_ratio, elr_weight=args.elr_weight,
                           arch=args.arch, device=args.device, seed=args.seed, rarity_weight=args.rarity_weight,
                           image_size=max(int(train.images.shape[1]), 8),
                           mc_dropout_passes=20 if "bald" in samplers and args.rounds > 0 else 0)

@@ -276,3 +276,58 @@ def test_the_clean_set_vote_survives_a_checkpoint(tmp_path):
     np.testing.assert_array_equal(result.lnl_clean_mask, votes.numpy())
     with pytest.raises(ValueError, match="clean_set_window"):
         EngineConfig(clean_set_window=0)
+
+
+def test_early_learning_penalty_averages_the_predictions_and_pulls_towards_them():
+    from model.coteaching import early_learning_penalty
+
+    targets = torch.zeros(5, 3)
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]], requires_grad=True)
+    idx = torch.tensor([3, 1])
+    penalty = early_learning_penalty(logits, targets, idx, momentum=0.7)
+    probs = torch.softmax(logits.detach(), dim=1)
+    np.testing.assert_allclose(targets[idx], 0.3 * probs, atol=1e-6)          # running average from zero
+    assert (targets[[0, 2, 4]] == 0).all()                                     # rows outside the batch untouched
+    np.testing.assert_allclose(penalty.detach(), torch.log(1 - (targets[idx] * probs).sum(1)), atol=1e-6)
+    # a sample whose targets say class 0 while its label pulls to class 2: the penalty's gradient
+    # raises class 0's logit (gradient descent moves against the gradient)
+    targets[1] = torch.tensor([0.9, 0.05, 0.05])
+    logits = torch.zeros(1, 3, requires_grad=True)
+    early_learning_penalty(logits, targets, torch.tensor([1]), momentum=1.0).sum().backward()
+    assert logits.grad[0, 0] < 0 < logits.grad[0, 2]
+    with pytest.raises(ValueError, match="elr_momentum"):
+        EngineConfig(elr_momentum=1.0)
+    with pytest.raises(ValueError, match="elr_weight"):
+        EngineConfig(elr_weight=-0.5)
+
+
+def test_an_interrupted_phase1_resumes_exactly_with_its_early_learning_targets(tmp_path):
+    """A worker killed mid-training resumes from the last epoch's checkpoint: the same networks as an
+    uninterrupted run.  That needs the early-learning targets, the data-order generator and torch's
+    global random state (dropout) from the checkpoint; without the last, resumed runs drifted."""
+    from model.coteaching import train_coteaching
+    from model.engine import as_source
+
+    images, labels = _toy_data(60)
+    source, labels = as_source(images, "cpu"), torch.from_numpy(labels)
+    config = EngineConfig(**FAST, forget_rate=0.2)
+    whole = train_coteaching(source, labels, num_classes=3, config=config, checkpoint_path=tmp_path / "whole.pt",
+                             progress_bar=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_epoch_3(step, fraction):
+        if step == "co-teaching" and fraction >= 3 / 4:
+            raise Killed
+    with pytest.raises(Killed):
+        train_coteaching(source, labels, num_classes=3, config=config, checkpoint_path=tmp_path / "cut.pt",
+                         progress=kill_in_epoch_3, progress_bar=False)
+    interrupted, _ = load_checkpoint(tmp_path / "cut.pt", device=torch.device("cpu"))
+    assert interrupted.epoch == 2 and interrupted.elr_targets[0].abs().sum() > 0
+    resumed = train_coteaching(source, labels, num_classes=3, config=config, checkpoint_path=tmp_path / "cut.pt",
+                               resume=True, progress_bar=False)
+    for a, b in zip(whole.networks, resumed.networks):
+        for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(wa, wb, msg=name)
+    np.testing.assert_array_equal(whole.lnl_clean_mask, resumed.lnl_clean_mask)
