@@ -133,7 +133,8 @@ def main(argv=None) -> int:
         f"noise ({mean_std(wrong_in_pool, '{:.0f}')} wrong labels), seeds {args.seeds}; Phase 1: {args.epochs} "
         f"epochs, default EngineConfig (class-balanced selection with per-label forget rates, VoG snapshot from "
         f"the {EngineConfig.vog_source.replace('_', ' ')}, early-learning regularisation weight "
-        f"{EngineConfig.elr_weight:g}, relabel priority rarity_weight {EngineConfig.rarity_weight:g}); then {args.rounds} rounds of {args.budget} relabels from the LNL-discarded "
+        f"{EngineConfig.elr_weight:g}, relabel priority rarity_weight {EngineConfig.rarity_weight:g}); then "
+        f"{args.rounds} rounds of {args.budget} relabels from the LNL-discarded "
         f"pool ({mean_std(pool, '{:.0f}')} samples), {args.finetune_epochs} fine-tuning epochs per round. "
         "Columns: relabels spent. Mean ± std over seeds. Plot: benchmarks/budget_curves.png.", "",
         "### Fraction of all label errors fixed", "", table("errors_fixed", "{:.3f}"), "",

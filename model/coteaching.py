@@ -285,8 +285,9 @@ def train_one_epoch(state: TrainingState, images: ImageSource, labels: torch.Ten
         scale = ctx.world_size / torch.stack([p.sum() for p in picks]).clamp_min(1).float()
         train_losses = local_losses
         if config.elr_weight > 0:
+            rows = idx.to(device)   # once for both networks
             train_losses = [loss + config.elr_weight * early_learning_penalty(
-                                logits, targets, idx, momentum=config.elr_momentum, ctx=ctx)
+                                logits, targets, rows, momentum=config.elr_momentum, ctx=ctx)
                             for loss, (logits, _), targets in zip(local_losses, outputs, state.elr_targets)]
         total = (train_losses[0][picks[1][local]].sum() * scale[1]
                  + train_losses[1][picks[0][local]].sum() * scale[0])

@@ -89,23 +89,24 @@ def upload_to_s3(endpoint: str, bucket: str, folder: Path) -> None:
 def import_from_storage(ls, project_id: int, storage_id: int, *, expected: int, timeout: float = 300) -> None:
     """Sync an S3 storage until the project holds `expected` tasks.
 
-    Without redis Label Studio syncs inside the request.  A busy CI machine has
-    seen a sync end with part of the bucket (or none) imported: the storage's
-    status then says failed or completed, and the sync runs again; the
-    assertion says what Label Studio reported last.
+    Without redis Label Studio syncs inside the request, so once a sync has
+    ended (its status failed or completed) with tasks missing, waiting cannot
+    help: the sync runs again.  One fresh-clone CI run, on a loaded machine,
+    saw the bucket's tasks not arrive within 120 s of a single sync; the
+    assertion now says what Label Studio reported last.
     """
     ls.call("POST", f"/api/storages/s3/{storage_id}/sync")
     deadline = time.monotonic() + timeout
     storage = {}
-    while len(ls.tasks(project_id)) < expected:
+    while (imported := len(ls.tasks(project_id))) < expected:
         assert time.monotonic() < deadline, (
-            f"Label Studio imported {len(ls.tasks(project_id))} of {expected} tasks from the bucket in {timeout} s; "
+            f"Label Studio imported {imported} of {expected} tasks from the bucket in {timeout} s; "
             f"storage status {storage.get('status')!r}, traceback {storage.get('traceback')!r}")
         time.sleep(1)
         storage = ls.call("GET", f"/api/storages/s3/{storage_id}")
-        if storage.get("status") in ("failed", "completed") and len(ls.tasks(project_id)) < expected:
-            print(f"storage sync {storage.get('status')} with {storage.get('last_sync_count')} tasks, "
-                  f"syncing again: {storage.get('traceback')}")
+        if storage.get("status") in ("failed", "completed"):
+            print(f"storage sync {storage['status']} with {imported} of {expected} tasks, syncing again: "
+                  f"{storage.get('traceback')}")
             ls.call("POST", f"/api/storages/s3/{storage_id}/sync")
 
 
