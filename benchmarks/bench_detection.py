@@ -76,7 +76,7 @@ DETECTORS = [  # (key, label in the table)
     ("coteach_vog", "(c) Co-teaching + VoG (default, per-label rates): loss"),
     ("vog", "(c) VoG score alone"),
     ("prob_label_wrong", "(d) priority, rarity_weight 0 (prob_label_wrong)"),
-    ("priority", "(d) priority, rarity_weight 0.25 (default)"),
+    ("priority", f"(d) priority, rarity_weight {EngineConfig.rarity_weight:g} (default)"),
     ("priority_r05", "(d) priority, rarity_weight 0.5 (previous default)"),
     ("priority_r1", "(d) priority, rarity_weight 1"),
     ("priority_global", "(d) default priority after the paper's global selection"),
@@ -378,7 +378,7 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
                          "met" if mm >= 0.8 else "missed", f"{mm - 0.8:+.2f}"])
         if with_cleanlab:
             a_c = mean(lambda r: r["auroc"]["cleanlab"])
-            for k, label in (("priority", "priority AUROC (rarity 0.25, default) >= cleanlab's"),
+            for k, label in (("priority", f"priority AUROC (rarity {EngineConfig.rarity_weight:g}, default) >= cleanlab's"),
                              ("prob_label_wrong", "same, rarity 0"), ("priority_r05", "same, rarity 0.5")):
                 a_p = mean(lambda r: r["auroc"][k])
                 rows.append([label, f"{a_p:.3f} vs {a_c:.3f}", "met" if a_p >= a_c else "missed",
