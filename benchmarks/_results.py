@@ -2,15 +2,19 @@
 
 A section starts at a line ``## <title>`` and runs up to the next ``## `` heading
 (or the end of the file).  Each benchmark owns the sections it names; another
-engineer's sections are never touched.
+engineer's sections are never touched.  ``$BENCH_RESULTS`` points every benchmark
+at another file: benchmarks/report.py collects one run's sections there and then
+writes the whole of RESULTS.md from them.
 """
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+WRITTEN_LOG_ENV = "BENCH_RESULTS_WRITTEN"  # a file that gets the title of every section written (benchmarks/report.py)
 HEADER = "# Benchmark results\n\nEvery section names the exact command that produced it; rerun it to regenerate.\n"
 
 
@@ -31,7 +35,6 @@ def provenance() -> str:
 
 def code_version() -> str:
     """The engine code measured: $BENCH_CODE_VERSION if set (a run from an exported snapshot), else git HEAD."""
-    import os
     import subprocess
 
     if os.environ.get("BENCH_CODE_VERSION"):
@@ -46,8 +49,25 @@ def code_version() -> str:
         return "unknown"
 
 
-def replace_section(title: str, body: str, *, path: Path = RESULTS) -> None:
+def results_path() -> Path:
+    """Where the benchmarks write: ``$BENCH_RESULTS`` if set (benchmarks/report.py's scratch file), else RESULTS."""
+    return Path(os.environ["BENCH_RESULTS"]) if os.environ.get("BENCH_RESULTS") else RESULTS
+
+
+def read_section(title: str, *, path: Path | None = None) -> str | None:
+    """The body of the section headed ``## {title}`` (None when the file has none)."""
+    path = path or results_path()
+    text = path.read_text() if path.exists() else ""
+    heading = f"## {title}\n"
+    if not text.startswith(heading) and f"\n{heading}" not in text:
+        return None
+    body = text.split(heading, 1)[1]
+    return body.split("\n## ", 1)[0]
+
+
+def replace_section(title: str, body: str, *, path: Path | None = None) -> None:
     """Replace (or append) the section headed ``## {title}`` with ``body``."""
+    path = path or results_path()
     heading = f"## {title}"
     text = path.read_text() if path.exists() else HEADER
     lines = text.splitlines()
@@ -61,6 +81,9 @@ def replace_section(title: str, body: str, *, path: Path = RESULTS) -> None:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         lines[start:end] = new
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
+    if os.environ.get(WRITTEN_LOG_ENV):
+        with open(os.environ[WRITTEN_LOG_ENV], "a") as log:
+            log.write(title + "\n")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

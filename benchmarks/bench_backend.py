@@ -4,8 +4,8 @@
     python benchmarks/bench_backend.py --ls-url http://127.0.0.1:8080 --ls-token <legacy token>
     python benchmarks/bench_backend.py --no-label-studio  # push against the in-process fake API only
 
-Writes a table under "## ML backend (benchmarks/bench_backend.py)" in benchmarks/RESULTS.md,
-replacing only that section.
+Writes the section "ML backend (benchmarks/bench_backend.py)" of benchmarks/RESULTS.md
+(benchmarks/_results.replace_section).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._results import code_version, replace_section  # noqa: E402
 from ml_backend.app import create_app  # noqa: E402
 from ml_backend.labelconfig import parse_label_config  # noqa: E402
 from ml_backend.ls_client import LabelStudioClient  # noqa: E402
@@ -32,7 +33,7 @@ from ml_backend.settings import Settings  # noqa: E402
 from ml_backend.store import ProjectStore, atomic_write_json  # noqa: E402
 from ml_backend.training import prediction_for  # noqa: E402
 
-SECTION = "## ML backend (benchmarks/bench_backend.py)"
+SECTION = "ML backend (benchmarks/bench_backend.py)"
 CONFIG = ("<View><Image name=\"image\" value=\"$image\"/><Choices name=\"label\" toName=\"image\" "
           "choice=\"single\">" + "".join(f'<Choice value="{k}"/>' for k in range(10)) + "</Choices></View>")
 
@@ -123,17 +124,6 @@ def bench_push(ls_url: str, api_key: str, n_tasks: int = 1000, batch_sizes=(100,
     return rows
 
 
-def write_results(text: str, path: Path = REPO / "benchmarks" / "RESULTS.md") -> None:
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
-    if start == -1:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end + 1:] if end != -1 else "")
-    path.write_text(new.rstrip("\n") + "\n")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ls-url")
@@ -185,9 +175,8 @@ def main(argv=None) -> int:
 
     cmd = "python benchmarks/bench_backend.py" + (" --no-label-studio" if args.no_label_studio else "") + \
         (f" --ls-url {args.ls_url} --ls-token <token>" if args.ls_url else "")
-    lines = [SECTION, "",
-             f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, "
-             f"Python {platform.python_version()}).", "",
+    lines = [f"Command: `{cmd}` (code: {code_version()}; {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+             f"{os.cpu_count()} CPU cores, Python {platform.python_version()}).", "",
              f"`/predict` for 100 tasks answered from the cached results of a 10,000-task version "
              f"({args.repeats} requests after one warm-up):", "",
              "| path | median (ms) | p95 (ms) |", "|---|---|---|",
@@ -204,7 +193,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        write_results(text)
+        replace_section(SECTION, text)
     return 0
 
 

@@ -215,14 +215,12 @@ def run_case(*, seed: int, noise_rate: float, noise: str, imbalance: str, epochs
 
 def vog_target_rows() -> list[list[str]]:
     """The VoG-cost target, read from the section bench_vog_cost.py wrote (its own command and commit)."""
-    from _results import RESULTS
+    from _results import read_section
 
     rows = []
-    text = RESULTS.read_text() if RESULTS.exists() else ""
-    heading = "## Engine: VoG tracking cost"
-    if heading + "\n" not in text:
+    section = read_section("Engine: VoG tracking cost")
+    if section is None:
         return [["VoG tracking < 10% of an epoch", "not measured (run bench_vog_cost.py)", "", ""]]
-    section = text.split(heading + "\n", 1)[1].split("\n## ", 1)[0]
     first = next((line for line in section.splitlines() if "engine code: " in line), "engine code: ?")
     commit = " ".join(first.split("engine code: ", 1)[1].split()[:2])  # "commit abc1234"
     for line in section.splitlines():

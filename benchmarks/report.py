@@ -1,14 +1,19 @@
-"""Run every benchmark at the current commit; each writes its own sections of benchmarks/RESULTS.md.
+"""Run every benchmark at the current commit and write the whole of benchmarks/RESULTS.md.
 
-    python -m benchmarks.report              # the full set (hours on a 2-core machine)
-    python -m benchmarks.report --quick      # small variants, a few minutes; figures marked by their own commands
+    python -m benchmarks.report              # every benchmark, sized for about 1.5 h on a 2-core machine
+    python -m benchmarks.report --full       # the larger grids and sizes (hours; for a bigger machine)
+    python -m benchmarks.report --quick      # small variants in minutes -> benchmarks/RESULTS.quick.md
     python -m benchmarks.report --dry-run    # print the commands only
-    python -m benchmarks.report --only vog_cost detection
+    python -m benchmarks.report --only vog_cost detection   # rerun some; the other sections stay as they were
 
-Each benchmark still writes its sections through benchmarks/_results.replace_section,
-naming the command and commit that produced them.  This script then stamps the top
-of RESULTS.md with the date and commit of the run and the benchmarks that failed or
-were skipped (their sections keep the commit they were last produced at).
+Each benchmark writes its own sections (benchmarks/_results.replace_section) into a
+scratch copy of the file; this script then writes RESULTS.md whole, in this order:
+the title, the run's stamp (date, commit, machine, what failed), the hand-written
+analysis, and every benchmark's sections in the order of BENCHMARKS.  The analysis is
+the one part a person writes: it is kept from the previous file between its markers,
+names the commit it was written for, and the stamp says so when the figures under it
+come from another commit.  After a run without --only, sections that no benchmark wrote
+are dropped, so that nothing in the file is older than the run.
 
 A new benchmark joins the report with one row in BENCHMARKS.
 """
@@ -16,80 +21,157 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
+import platform
+import re
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import RESULTS, code_version  # noqa: E402
+from _results import RESULTS, WRITTEN_LOG_ENV, code_version  # noqa: E402
 
-# name: (script, arguments of the full run, arguments of the --quick run)
+QUICK_RESULTS = RESULTS.with_name("RESULTS.quick.md")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    script: str
+    standard: tuple[str, ...] = ()   # the run that RESULTS.md holds
+    full: tuple[str, ...] = ()       # --full: larger grids and sizes
+    quick: tuple[str, ...] = ()      # --quick: a smoke run in minutes
+
+
 BENCHMARKS = {
-    "vog_cost": ("bench_vog_cost.py", [], ["--8px-only", "--epochs", "4"]),
-    "detection": ("bench_detection.py", ["--full", "--hard"], ["--seeds", "0", "--epochs", "10"]),
-    "budget": ("bench_budget.py", ["--full"], ["--seeds", "0", "--rounds", "2", "--epochs", "10"]),
-    "scale": ("bench_scale.py", [], ["--sizes", "1000"]),
-    "backend": ("bench_backend.py", ["--no-label-studio"], ["--no-label-studio", "--repeats", "20"]),
-    "webhook": ("bench_webhook.py", [], ["--rounds", "2"]),
-    "gpu": ("bench_gpu.py", [], ["--quick"]),
-    "fast_mode": ("bench_fast_mode.py", [], ["--sizes", "1000", "--seeds", "0"]),
+    "vog_cost": Benchmark("bench_vog_cost.py", (), ("--full",), ("--8px-only", "--epochs", "4")),
+    "detection": Benchmark("bench_detection.py", ("--hard", "--held-out"), ("--full", "--hard", "--held-out"),
+                           ("--seeds", "0", "--epochs", "10")),
+    "budget": Benchmark("bench_budget.py", (), ("--full",), ("--seeds", "0", "--rounds", "2", "--epochs", "10")),
+    "scale": Benchmark("bench_scale.py", (), (), ("--sizes", "1000")),
+    "fast_mode": Benchmark("bench_fast_mode.py", ("--sizes", "1000", "5000", "--threads", "1"), ("--threads", "1"),
+                           ("--sizes", "1000", "--seeds", "0")),
+    "gpu": Benchmark("bench_gpu.py", (), (), ("--quick",)),
+    "backend": Benchmark("bench_backend.py", (), (), ("--no-label-studio", "--repeats", "20")),
+    "webhook": Benchmark("bench_webhook.py", (), (), ("--rounds", "2")),
 }
 
-STAMP_START = "<!-- report: start -->"
-STAMP_END = "<!-- report: end -->"
+TITLE = "# Benchmarks"
+STAMP_START, STAMP_END = "<!-- report: start -->", "<!-- report: end -->"
+ANALYSIS_TITLE = "Analysis (hand-written)"
+ANALYSIS_START, ANALYSIS_END = "<!-- analysis: start -->", "<!-- analysis: end -->"
+ANALYSIS_PLACEHOLDER = ("Written for commit (none yet): read the figures below, then replace this paragraph with what "
+                        "they show and name the commit they came from.")
 
 
-def commands(names: list[str], *, quick: bool) -> list[tuple[str, list[str]]]:
-    """The command line of each named benchmark, in table order."""
-    return [(name, [sys.executable, str(Path("benchmarks") / script), *(quick_args if quick else full_args)])
-            for name, (script, full_args, quick_args) in BENCHMARKS.items() if name in names]
+def commands(names: list[str], *, tier: str) -> list[tuple[str, list[str]]]:
+    """The command line of each named benchmark, in table order; ``tier`` is standard, full or quick."""
+    return [(name, [sys.executable, str(Path("benchmarks") / bench.script), *getattr(bench, tier)])
+            for name, bench in BENCHMARKS.items() if name in names]
 
 
-def stamp(text: str, *, version: str, ran: list[str], failed: list[str], skipped: list[str], quick: bool) -> str:
-    """Put (or replace) the run's date, commit and outcome just under the file's title."""
+def split_sections(text: str) -> dict[str, str]:
+    """{title: body} of every ``## title`` section, in file order (the text before the first is dropped)."""
+    sections = {}
+    for chunk in re.split(r"^## ", text, flags=re.MULTILINE)[1:]:
+        title, _, body = chunk.partition("\n")
+        sections[title.strip()] = body.strip("\n")
+    return sections
+
+
+def analysis_of(text: str) -> str:
+    """The hand-written analysis between its markers, or the placeholder that asks for one."""
+    if ANALYSIS_START in text and ANALYSIS_END in text:
+        return text.split(ANALYSIS_START, 1)[1].split(ANALYSIS_END, 1)[0].strip("\n")
+    return ANALYSIS_PLACEHOLDER
+
+
+def stamp(*, version: str, tier: str, ran: list[str], failed: list[str], skipped: list[str],
+          analysis: str) -> str:
+    """The run's date, commit, machine and outcome, and whether the analysis was written for these figures."""
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python -m benchmarks.report" + ("" if tier == "standard" else f" --{tier}")
     lines = [STAMP_START,
-             f"Report run `python -m benchmarks.report{' --quick' if quick else ''}` on {today} at {version}.",
-             f"Rerun here: {', '.join(ran) or 'none'}."]
+             f"Written by `{command}` on {today}, code at {version}; {platform.machine()}, {os.cpu_count()} CPU "
+             f"cores, Python {platform.python_version()}. Each section below names its own command.",
+             f"Run at this commit: {', '.join(ran) or 'none'}."]
     if failed:
-        lines.append(f"Failed (their sections are from an earlier commit, see each section's command line): "
-                     f"{', '.join(failed)}.")
+        lines.append(f"**Failed, sections kept from an earlier run (see each one's command line): "
+                     f"{', '.join(failed)}.**")
     if skipped:
-        lines.append(f"Not rerun (sections from an earlier commit): {', '.join(skipped)}.")
-    block = "\n".join([*lines, STAMP_END])
-    if STAMP_START in text and STAMP_END in text:
-        head, rest = text.split(STAMP_START, 1)
-        return head + block + rest.split(STAMP_END, 1)[1]
-    title, _, body = text.partition("\n")
-    return f"{title}\n\n{block}\n{body}"
+        lines.append(f"Not rerun, sections kept from an earlier run: {', '.join(skipped)}.")
+    written_for = re.search(r"commit ([0-9a-f]{7,40})", analysis.split("\n", 1)[0])
+    commit = re.search(r"commit ([0-9a-f]{7,40})", version)
+    if not (written_for and commit and commit.group(1).startswith(written_for.group(1)[:7])):
+        lines.append("**The hand-written analysis below was not written for these figures: reread it against them "
+                     "and update its first line's commit.**")
+    return "\n".join([*lines, STAMP_END])
+
+
+def assemble(*, old_text: str, new_sections: dict[str, str], written: list[str], complete: bool,
+             stamp_text: str) -> str:
+    """The whole file: title, stamp, analysis, then the sections.
+
+    ``new_sections`` is the scratch file after the run (the old sections with this
+    run's written over them); ``written`` the titles this run wrote, in order.  With
+    ``complete`` (every benchmark ran and none failed) only those are kept; otherwise
+    the old file's order is kept and this run's new titles go after it.
+    """
+    analysis = analysis_of(old_text)
+    if complete:
+        titles = list(dict.fromkeys(written))
+    else:
+        titles = [t for t in split_sections(old_text) if t != ANALYSIS_TITLE and t in new_sections]
+        titles += [t for t in dict.fromkeys(written) if t not in titles]
+    parts = [TITLE, stamp_text, f"## {ANALYSIS_TITLE}\n\n{ANALYSIS_START}\n{analysis}\n{ANALYSIS_END}"]
+    parts += [f"## {title}\n\n{new_sections[title]}" for title in titles]
+    return "\n\n".join(parts).rstrip("\n") + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the small variant of every benchmark")
+    tier = parser.add_mutually_exclusive_group()
+    tier.add_argument("--quick", action="store_true", help="the small variant of every benchmark")
+    tier.add_argument("--full", action="store_true", help="the larger grids and sizes")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=f"the file to write (default {RESULTS.relative_to(ROOT)}; "
+                                                 f"with --quick {QUICK_RESULTS.relative_to(ROOT)})")
     args = parser.parse_args(argv)
-
+    tier_name = "quick" if args.quick else "full" if args.full else "standard"
+    out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     version = code_version()
+    old_text = out.read_text() if out.exists() else ""
+
     ran, failed = [], []
-    for name, command in commands(args.only, quick=args.quick):
-        print(f"[report] {name}: {' '.join(command[1:])}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-report-") as tmp:
+        scratch, written_log = Path(tmp) / "RESULTS.md", Path(tmp) / "written"
+        # the old sections are there for the benchmarks that read another's (detection reads the VoG cost)
+        scratch.write_text(old_text or TITLE + "\n")
+        written_log.touch()
+        env = {**os.environ, "BENCH_RESULTS": str(scratch), WRITTEN_LOG_ENV: str(written_log)}
+        for name, command in commands(args.only, tier=tier_name):
+            print(f"[report] {name}: {' '.join(command[1:])}", flush=True)
+            if args.dry_run:
+                continue
+            result = subprocess.run(command, cwd=ROOT, env=env)
+            (ran if result.returncode == 0 else failed).append(name)
+            if result.returncode:
+                print(f"[report] {name} failed with exit status {result.returncode}; its sections are kept from "
+                      f"the previous file", flush=True)
         if args.dry_run:
-            continue
-        result = subprocess.run(command, cwd=ROOT)
-        (ran if result.returncode == 0 else failed).append(name)
-        if result.returncode:
-            print(f"[report] {name} failed with exit status {result.returncode}; its sections were left as they were",
-                  flush=True)
-    if args.dry_run:
-        return 0
+            return 0
+        written = written_log.read_text().splitlines()
+        new_sections = split_sections(scratch.read_text())
     skipped = [name for name in BENCHMARKS if name not in args.only]
-    text = args.results.read_text() if args.results.exists() else "# Benchmarks\n"
-    args.results.write_text(stamp(text, version=version, ran=ran, failed=failed, skipped=skipped, quick=args.quick))
+    stamp_text = stamp(version=version, tier=tier_name, ran=ran, failed=failed, skipped=skipped,
+                       analysis=analysis_of(old_text))
+    out.write_text(assemble(old_text=old_text, new_sections=new_sections, written=written,
+                            complete=not failed and not skipped, stamp_text=stamp_text))
+    print(f"[report] wrote {out}", flush=True)
     return 1 if failed else 0
 
 

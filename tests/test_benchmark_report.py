@@ -1,4 +1,5 @@
-"""benchmarks/report.py: its table names real scripts whose options parse, and the stamp sits under the title."""
+"""benchmarks/report.py: its table names real scripts, and it writes RESULTS.md whole with the analysis on top."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,24 +12,92 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import report  # noqa: E402
 
 
-@pytest.mark.parametrize("quick", [False, True])
-def test_every_benchmark_in_the_table_exists(quick):
-    for name, command in report.commands(list(report.BENCHMARKS), quick=quick):
+@pytest.mark.parametrize("tier", ["standard", "full", "quick"])
+def test_every_benchmark_in_the_table_exists(tier):
+    for name, command in report.commands(list(report.BENCHMARKS), tier=tier):
         assert (ROOT / command[1]).is_file(), name
 
 
-def test_stamp_goes_under_the_title_and_is_replaced_not_repeated():
-    text = "# Benchmarks\n\n## A\n\nfigures\n"
-    once = report.stamp(text, version="commit abc", ran=["vog_cost"], failed=[], skipped=["scale"], quick=True)
-    assert once.startswith("# Benchmarks\n\n" + report.STAMP_START)
-    assert "at commit abc" in once and "Not rerun (sections from an earlier commit): scale." in once
-    assert once.endswith("## A\n\nfigures\n")
-    twice = report.stamp(once, version="commit def", ran=[], failed=["detection"], skipped=[], quick=False)
-    assert twice.count(report.STAMP_START) == 1 and "commit abc" not in twice and "Failed" in twice
-    assert twice.endswith("## A\n\nfigures\n")
+OLD = f"""# Benchmarks
+
+{report.STAMP_START}
+an old stamp
+{report.STAMP_END}
+
+## {report.ANALYSIS_TITLE}
+
+{report.ANALYSIS_START}
+Written 2026-11-30 for the figures of commit abc1234.
+The priority beats cleanlab.
+{report.ANALYSIS_END}
+
+## B
+
+old b
+
+## Stale, no benchmark writes it
+
+old stale
+
+## A
+
+old a
+"""
+
+
+def test_a_complete_run_writes_analysis_first_then_only_this_runs_sections():
+    text = report.assemble(old_text=OLD, new_sections={"A": "new a", "B": "old b", "C": "new c"},
+                           written=["A", "C", "A"], complete=True, stamp_text="STAMP")
+    assert text.startswith("# Benchmarks\n\nSTAMP\n\n## Analysis (hand-written)\n")
+    assert "The priority beats cleanlab." in text and "an old stamp" not in text
+    assert "Stale" not in text and "old b" not in text
+    assert text.index("## A\n\nnew a") < text.index("## C\n\nnew c")
+    assert text.count("## A\n") == 1
+
+
+def test_a_partial_run_keeps_the_other_sections_in_their_place():
+    text = report.assemble(old_text=OLD, new_sections={"A": "new a", "B": "old b", "C": "new c", "Stale, no "
+                           "benchmark writes it": "old stale"}, written=["A", "C"], complete=False, stamp_text="S")
+    order = [text.index(marker) for marker in ("## Analysis", "## B\n\nold b", "## Stale", "## A\n\nnew a",
+                                               "## C\n\nnew c")]
+    assert order == sorted(order)
+
+
+def test_the_stamp_says_when_the_analysis_was_written_for_other_figures():
+    analysis = report.analysis_of(OLD)
+    same = report.stamp(version="commit abc1234", tier="standard", ran=["vog_cost"], failed=[], skipped=[],
+                        analysis=analysis)
+    assert "not written for these figures" not in same and "`python -m benchmarks.report`" in same
+    other = report.stamp(version="commit def5678", tier="quick", ran=[], failed=["detection"], skipped=["scale"],
+                         analysis=analysis)
+    assert "not written for these figures" in other and "detection" in other and "scale" in other
+    assert "not written for these figures" in report.stamp(
+        version="commit abc1234", tier="standard", ran=[], failed=[], skipped=[],
+        analysis=report.analysis_of("# Benchmarks\n"))
+
+
+def test_a_run_writes_the_file_from_the_benchmarks_own_sections(tmp_path, monkeypatch):
+    """The real main() over two stand-in scripts that write through benchmarks/_results like the real ones."""
+    script = ("import sys; sys.path.insert(0, 'benchmarks'); from _results import replace_section, read_section; "
+              "replace_section('{title}', 'made by {name}; saw VoG: ' + str(read_section('V') is not None)); "
+              "sys.exit({code})")
+    table = {}
+    for name, title, code in [("first", "V", 0), ("second", "W", 0), ("broken", "X", 3)]:
+        path = tmp_path / f"{name}.py"
+        path.write_text(script.format(title=title, name=name, code=code))
+        table[name] = report.Benchmark(str(path))
+    monkeypatch.setattr(report, "BENCHMARKS", table)
+    out = tmp_path / "RESULTS.md"
+    out.write_text(OLD)
+    assert report.main(["--out", str(out), "--only", "first", "second"]) == 0
+    text = out.read_text()
+    assert "made by first" in text and "made by second; saw VoG: True" in text
+    assert "## Stale" in text and "Not rerun, sections kept from an earlier run: broken." in text
+    assert report.main(["--out", str(out)]) == 1      # the broken one fails: nothing is dropped
+    assert "**Failed" in out.read_text() and "## Stale" in out.read_text()
 
 
 def test_dry_run_prints_one_command_per_benchmark():
     out = subprocess.run([sys.executable, "-m", "benchmarks.report", "--quick", "--dry-run"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env={**os.environ}).stdout
     assert out.count("[report] ") == len(report.BENCHMARKS)
