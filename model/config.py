@@ -41,6 +41,10 @@ class EngineConfig:
     weight_decay: float = 5e-4
     forget_rate: float | None = None    # None = estimated from the data (see estimate_forget_rate)
     max_forget_rate: float = 0.8        # cap on the estimate: Co-teaching must keep something to learn from
+    estimate_logit_adjustment: float = 0.0  # tau > 0: the estimate's folds train on logits + tau * log(label share)
+                                        # so that a rare class is learned, not called wrong; keeps more of the rare
+                                        # classes' clean samples, costs AUROC under pair flips into rare labels
+                                        # (model.coteaching.estimate_forget_rate); 0 = plain cross-entropy
     estimate_epochs: int = 4            # epochs of each cross-fitting fold when the forget rate is estimated
     estimate_min_steps: int = 60        # ... and at least this many optimiser steps per fold
     estimate_folds: int = 5             # folds of that cross-fitting
@@ -92,6 +96,8 @@ class EngineConfig:
             (0.0 <= self.mix_ratio <= 1.0, "mix_ratio must be in [0, 1]"),
             (self.tk >= 1, "tk must be >= 1"),
             (self.elr_weight >= 0, "elr_weight must be >= 0 (0 = no early-learning regularisation)"),
+            (self.estimate_logit_adjustment >= 0,
+             "estimate_logit_adjustment must be >= 0 (0 = plain cross-entropy in the noise-rate estimate)"),
             (0.0 <= self.elr_momentum < 1.0, "elr_momentum must be in [0, 1)"),
             (self.clean_set_window >= 1, "clean_set_window must be >= 1 (1 = the final epoch's pick alone)"),
             (2 <= self.vog_window <= self.tk,

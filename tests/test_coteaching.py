@@ -331,3 +331,34 @@ def test_an_interrupted_phase1_resumes_exactly_with_its_early_learning_targets(t
         for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values()):
             torch.testing.assert_close(wa, wb, msg=name)
     np.testing.assert_array_equal(whole.lnl_clean_mask, resumed.lnl_clean_mask)
+
+
+def test_logit_adjusted_folds_stop_calling_a_rare_clean_class_wrong():
+    """Clean long-tailed digits (20:1): plain folds call much of the rarest labels wrong; adjusted ones less."""
+    from model.coteaching import estimate_forget_rate
+    from selection import simulate
+
+    train, _ = simulate.load_case(simulate.build_parser().parse_args(
+        ["--out", "unused", "--seed", "0", "--noise-rate", "0", "--imbalance-ratio", "20"]))
+    x = torch.from_numpy(train.images).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(train.labels)
+    rarest = np.argsort(np.bincount(train.labels, minlength=10))[:3]
+    rates = {}
+    for tau in (0.0, 1.0):
+        config = EngineConfig(device="cpu", image_size=8, estimate_logit_adjustment=tau)
+        _, per_class = estimate_forget_rate(x, labels, torch.zeros(len(labels), dtype=torch.bool), 10,
+                                            config=config, device=torch.device("cpu"),
+                                            generator=torch.Generator().manual_seed(0))
+        rates[tau] = np.asarray(per_class)[rarest].mean()
+    # no label is wrong, yet the plain folds call about half of the rarest labels wrong (0.47 measured, 0.25 adjusted)
+    assert rates[0.0] > 0.3
+    assert rates[1.0] < rates[0.0] - 0.1, rates
+
+
+def test_the_label_prior_is_smoothed_and_the_adjustment_validated():
+    from model.coteaching import label_log_prior
+
+    prior = label_log_prior(torch.tensor([0, 0, 0, 1]), 3)
+    np.testing.assert_allclose(prior.exp().numpy(), [4 / 7, 2 / 7, 1 / 7], rtol=1e-6)   # an absent class stays finite
+    with pytest.raises(ValueError, match="estimate_logit_adjustment"):
+        EngineConfig(estimate_logit_adjustment=-1)
