@@ -222,7 +222,7 @@ def vog_target_rows() -> list[list[str]]:
     if section is None:
         return [["VoG tracking < 10% of an epoch", "not measured (run bench_vog_cost.py)", "", ""]]
     first = next((line for line in section.splitlines() if "engine code: " in line), "engine code: ?")
-    commit = " ".join(first.split("engine code: ", 1)[1].split()[:2])  # "commit abc1234"
+    commit = " ".join(first.split("engine code: ", 1)[1].split()[:2]).rstrip(")")  # "commit abc1234"
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 9 and cells[2].startswith("last_layer"):

@@ -122,7 +122,7 @@ def main() -> None:
     lines += ["", f"From {first['n']} to {last['n']} images ({last['n'] / first['n']:.0f}x): training throughput "
               f"x{last['train_images_per_s'] / first['train_images_per_s']:.2f}, scoring throughput "
               f"x{last['score_images_per_s'] / first['score_images_per_s']:.2f}, peak memory "
-              f"x{last['peak_mb'] / first['peak_mb']:.2f} (+{last['peak_mb'] - first['peak_mb']:.0f} MB)."]
+              f"x{last['peak_mb'] / first['peak_mb']:.2f} ({last['peak_mb'] - first['peak_mb']:+.0f} MB)."]
     table = "\n".join(lines)
     print(table)
     if not args.no_write:

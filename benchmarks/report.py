@@ -1,6 +1,6 @@
 """Run every benchmark at the current commit and write the whole of benchmarks/RESULTS.md.
 
-    python -m benchmarks.report              # every benchmark, sized for about 1.5 h on a 2-core machine
+    python -m benchmarks.report              # every benchmark, about 2 h on a 2-core machine
     python -m benchmarks.report --full       # the larger grids and sizes (hours; for a bigger machine)
     python -m benchmarks.report --quick      # small variants in minutes -> benchmarks/RESULTS.quick.md
     python -m benchmarks.report --dry-run    # print the commands only
@@ -9,11 +9,11 @@
 Each benchmark writes its own sections (benchmarks/_results.replace_section) into a
 scratch copy of the file; this script then writes RESULTS.md whole, in this order:
 the title, the run's stamp (date, commit, machine, what failed), the hand-written
-analysis, and every benchmark's sections in the order of BENCHMARKS.  The analysis is
-the one part a person writes: it is kept from the previous file between its markers,
-names the commit it was written for, and the stamp says so when the figures under it
-come from another commit.  After a run without --only, sections that no benchmark wrote
-are dropped, so that nothing in the file is older than the run.
+analysis, and every benchmark's sections in the order of BENCHMARKS, each tagged with
+the benchmark that wrote it.  A benchmark that failed or was left out by --only keeps
+its sections from the previous file; a section no benchmark owns is dropped.  The
+analysis is the one part a person writes: it is kept between its markers, names the
+commit it was written for, and the stamp says so when the figures come from another.
 
 A new benchmark joins the report with one row in BENCHMARKS.
 """
@@ -52,7 +52,7 @@ BENCHMARKS = {
                            ("--seeds", "0", "--epochs", "10")),
     "budget": Benchmark("bench_budget.py", (), ("--full",), ("--seeds", "0", "--rounds", "2", "--epochs", "10")),
     "scale": Benchmark("bench_scale.py", (), (), ("--sizes", "1000")),
-    "fast_mode": Benchmark("bench_fast_mode.py", ("--sizes", "1000", "5000", "--threads", "1"), ("--threads", "1"),
+    "fast_mode": Benchmark("bench_fast_mode.py", ("--threads", "1"), ("--threads", "1"),
                            ("--sizes", "1000", "--seeds", "0")),
     "gpu": Benchmark("bench_gpu.py", (), (), ("--quick",)),
     "backend": Benchmark("bench_backend.py", (), (), ("--no-label-studio", "--repeats", "20")),
@@ -111,23 +111,33 @@ def stamp(*, version: str, tier: str, ran: list[str], failed: list[str], skipped
     return "\n".join([*lines, STAMP_END])
 
 
-def assemble(*, old_text: str, new_sections: dict[str, str], written: list[str], complete: bool,
-             stamp_text: str) -> str:
-    """The whole file: title, stamp, analysis, then the sections.
+OWNER_TAG = re.compile(r"^<!-- benchmark: (\w+) -->\n*")
 
-    ``new_sections`` is the scratch file after the run (the old sections with this
-    run's written over them); ``written`` the titles this run wrote, in order.  With
-    ``complete`` (every benchmark ran and none failed) only those are kept; otherwise
-    the old file's order is kept and this run's new titles go after it.
+
+def owned_sections(text: str) -> dict[str, dict[str, str]]:
+    """{benchmark: {title: body}} of the sections a benchmark wrote (tagged by :func:`assemble`); others dropped."""
+    owned: dict[str, dict[str, str]] = {}
+    for title, body in split_sections(text).items():
+        tag = OWNER_TAG.match(body)
+        if tag:
+            owned.setdefault(tag.group(1), {})[title] = body[tag.end():]
+    return owned
+
+
+def assemble(*, old_text: str, new: dict[str, dict[str, str]], stamp_text: str) -> str:
+    """The whole file: title, stamp, the analysis kept from ``old_text``, then each benchmark's sections.
+
+    ``new`` holds {benchmark: {title: body}} of the benchmarks that ran without
+    failing; every other benchmark keeps its sections from ``old_text``.  Each
+    section is tagged with the benchmark that wrote it, so that a section no
+    benchmark writes any more (or one written by hand) does not outlive the run
+    that follows.
     """
-    analysis = analysis_of(old_text)
-    if complete:
-        titles = list(dict.fromkeys(written))
-    else:
-        titles = [t for t in split_sections(old_text) if t != ANALYSIS_TITLE and t in new_sections]
-        titles += [t for t in dict.fromkeys(written) if t not in titles]
-    parts = [TITLE, stamp_text, f"## {ANALYSIS_TITLE}\n\n{ANALYSIS_START}\n{analysis}\n{ANALYSIS_END}"]
-    parts += [f"## {title}\n\n{new_sections[title]}" for title in titles]
+    old = owned_sections(old_text)
+    parts = [TITLE, stamp_text, f"## {ANALYSIS_TITLE}\n\n{ANALYSIS_START}\n{analysis_of(old_text)}\n{ANALYSIS_END}"]
+    for name in BENCHMARKS:
+        for title, body in (new[name] if name in new else old.get(name, {})).items():
+            parts.append(f"## {title}\n\n<!-- benchmark: {name} -->\n\n{body.strip()}")
     return "\n\n".join(parts).rstrip("\n") + "\n"
 
 
@@ -146,7 +156,7 @@ def main(argv=None) -> int:
     version = code_version()
     old_text = out.read_text() if out.exists() else ""
 
-    ran, failed = [], []
+    ran, failed, new = [], [], {}
     with tempfile.TemporaryDirectory(prefix="bench-report-") as tmp:
         scratch, written_log = Path(tmp) / "RESULTS.md", Path(tmp) / "written"
         # the old sections are there for the benchmarks that read another's (detection reads the VoG cost)
@@ -157,20 +167,22 @@ def main(argv=None) -> int:
             print(f"[report] {name}: {' '.join(command[1:])}", flush=True)
             if args.dry_run:
                 continue
+            written_log.write_text("")
             result = subprocess.run(command, cwd=ROOT, env=env)
-            (ran if result.returncode == 0 else failed).append(name)
             if result.returncode:
+                failed.append(name)
                 print(f"[report] {name} failed with exit status {result.returncode}; its sections are kept from "
                       f"the previous file", flush=True)
+                continue
+            ran.append(name)
+            sections = split_sections(scratch.read_text())
+            new[name] = {title: sections[title] for title in dict.fromkeys(written_log.read_text().splitlines())}
         if args.dry_run:
             return 0
-        written = written_log.read_text().splitlines()
-        new_sections = split_sections(scratch.read_text())
     skipped = [name for name in BENCHMARKS if name not in args.only]
     stamp_text = stamp(version=version, tier=tier_name, ran=ran, failed=failed, skipped=skipped,
                        analysis=analysis_of(old_text))
-    out.write_text(assemble(old_text=old_text, new_sections=new_sections, written=written,
-                            complete=not failed and not skipped, stamp_text=stamp_text))
+    out.write_text(assemble(old_text=old_text, new=new, stamp_text=stamp_text))
     print(f"[report] wrote {out}", flush=True)
     return 1 if failed else 0
 

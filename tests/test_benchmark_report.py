@@ -33,34 +33,39 @@ The priority beats cleanlab.
 
 ## B
 
+<!-- benchmark: detection -->
+
 old b
 
-## Stale, no benchmark writes it
+## Written by hand, or by a benchmark that is gone
 
 old stale
 
 ## A
 
+<!-- benchmark: vog_cost -->
+
 old a
 """
 
 
-def test_a_complete_run_writes_analysis_first_then_only_this_runs_sections():
-    text = report.assemble(old_text=OLD, new_sections={"A": "new a", "B": "old b", "C": "new c"},
-                           written=["A", "C", "A"], complete=True, stamp_text="STAMP")
+def test_the_file_is_title_stamp_analysis_then_each_benchmarks_sections_in_table_order():
+    text = report.assemble(old_text=OLD, new={"vog_cost": {"A": "new a", "C": "new c"}, "detection": {"B": "new b"}},
+                           stamp_text="STAMP")
     assert text.startswith("# Benchmarks\n\nSTAMP\n\n## Analysis (hand-written)\n")
     assert "The priority beats cleanlab." in text and "an old stamp" not in text
-    assert "Stale" not in text and "old b" not in text
-    assert text.index("## A\n\nnew a") < text.index("## C\n\nnew c")
-    assert text.count("## A\n") == 1
+    assert "stale" not in text and "old " not in text
+    order = [text.index(marker) for marker in ("## A\n\n<!-- benchmark: vog_cost -->\n\nnew a", "## C\n",
+                                               "## B\n\n<!-- benchmark: detection -->\n\nnew b")]
+    assert order == sorted(order)      # vog_cost comes before detection in BENCHMARKS
 
 
-def test_a_partial_run_keeps_the_other_sections_in_their_place():
-    text = report.assemble(old_text=OLD, new_sections={"A": "new a", "B": "old b", "C": "new c", "Stale, no "
-                           "benchmark writes it": "old stale"}, written=["A", "C"], complete=False, stamp_text="S")
-    order = [text.index(marker) for marker in ("## Analysis", "## B\n\nold b", "## Stale", "## A\n\nnew a",
-                                               "## C\n\nnew c")]
-    assert order == sorted(order)
+def test_a_benchmark_that_did_not_run_keeps_its_sections_and_the_unowned_ones_go():
+    text = report.assemble(old_text=OLD, new={"vog_cost": {"A": "new a"}}, stamp_text="S")
+    assert "## B\n\n<!-- benchmark: detection -->\n\nold b" in text and "new a" in text
+    assert "stale" not in text
+    again = report.assemble(old_text=text, new={}, stamp_text="S2")      # idempotent: tags survive a round trip
+    assert again.replace("S2", "S") == text
 
 
 def test_the_stamp_says_when_the_analysis_was_written_for_other_figures():
@@ -92,9 +97,10 @@ def test_a_run_writes_the_file_from_the_benchmarks_own_sections(tmp_path, monkey
     assert report.main(["--out", str(out), "--only", "first", "second"]) == 0
     text = out.read_text()
     assert "made by first" in text and "made by second; saw VoG: True" in text
-    assert "## Stale" in text and "Not rerun, sections kept from an earlier run: broken." in text
-    assert report.main(["--out", str(out)]) == 1      # the broken one fails: nothing is dropped
-    assert "**Failed" in out.read_text() and "## Stale" in out.read_text()
+    assert "Not rerun, sections kept from an earlier run: broken." in text
+    assert report.main(["--out", str(out)]) == 1      # the broken one fails, the others' sections are rewritten
+    text = out.read_text()
+    assert "**Failed" in text and "## V\n\n<!-- benchmark: first -->" in text and "## X" not in text
 
 
 def test_dry_run_prints_one_command_per_benchmark():
