@@ -226,9 +226,9 @@ def early_learning_penalty(logits: torch.Tensor, targets: torch.Tensor, idx: tor
     priority AUROC on digits (seeds 10-12) rose from 0.93-0.97 to 0.98-0.99
     under pair flips to a random partner, from 0.97-0.98 to 0.98-1.00 under
     step imbalance with 50-60% noise, and stayed at 0.99-1.00 on the symmetric
-    long-tailed case (benchmarks/RESULTS.md).  A class whose realised flip share
-    reaches one half is a tie it cannot break.  It costs one softmax and an
-    (N, K) table per network.
+    long-tailed case (engine 79390eb; in benchmarks/RESULTS.md's git history).
+    A class whose realised flip share reaches one half is a tie it cannot
+    break.  It costs one softmax and an (N, K) table per network.
     """
     probs = torch.softmax(logits.float(), dim=1).clamp(ELR_PROB_CLAMP, 1.0 - ELR_PROB_CLAMP)
     normalised = (probs / probs.sum(dim=1, keepdim=True)).detach()
@@ -530,7 +530,7 @@ def clean_set_vote(state: TrainingState, picked: torch.Tensor, epoch: int, windo
     of the clean set in nearly every run (e.g. 40% symmetric, ratio 20:
     precision 0.92/0.91/0.91 -> 0.96/0.94/0.95, recall 0.93/0.94/0.91 ->
     0.95/0.94/0.95 on seeds 0-2), where a union of epochs buys recall with
-    precision (issue 9, benchmarks/RESULTS.md).
+    precision (issue 9; engine 4cf662c, benchmarks/RESULTS.md's git history).
     """
     picked = picked.to(torch.bool).cpu()
     if state.recent_picks is None or state.recent_picks.shape != (window, picked.numel()):

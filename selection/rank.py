@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 # g of relabel_priority.  0.25 since early-learning regularisation (issue 9): with the networks no longer
 # memorising wrong labels, 0.5 cost up to 0.007 of priority AUROC against 0 (symmetric 40%, long-tailed 20:1,
-# seed 11: 0.989 vs 0.996) and 0.25 at most 0.005 (0.992); benchmarks/RESULTS.md.
+# seed 11: 0.989 vs 0.996) and 0.25 at most 0.005 (0.992); engine 79390eb, benchmarks/RESULTS.md's history.
 DEFAULT_RARITY_WEIGHT = 0.25
 
 

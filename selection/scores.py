@@ -93,8 +93,8 @@ def calibrated_pred_probs(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndar
     step put 85-95% wrong labels in each rare label) their p_k is near 0, the
     plain mean falls to 0.1, and dividing by it multiplied the rare classes'
     probabilities tenfold, so that a common-class sample given a rare label
-    looked right even where the model said otherwise (benchmarks/RESULTS.md,
-    issue 9).  The weights take the samples the model believes mislabelled out
+    looked right even where the model said otherwise (issue 9; engine 4cf662c,
+    benchmarks/RESULTS.md's git history).  The weights take the samples the model believes mislabelled out
     of the mean, and leave it as it was where the labels are mostly right.
     """
     labels, pred_probs = check_labels_and_probs(labels, pred_probs)
