@@ -9,13 +9,15 @@ writes the whole of RESULTS.md from them.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 WRITTEN_LOG_ENV = "BENCH_RESULTS_WRITTEN"  # a file that gets the title of every section written (benchmarks/report.py)
-HEADER = "# Benchmark results\n\nEvery section names the exact command that produced it; rerun it to regenerate.\n"
+TITLE = "# Benchmarks"
+HEADER = f"{TITLE}\n\nEvery section names the exact command that produced it; rerun it to regenerate.\n"
 
 
 def command_line() -> str:
@@ -54,15 +56,19 @@ def results_path() -> Path:
     return Path(os.environ["BENCH_RESULTS"]) if os.environ.get("BENCH_RESULTS") else RESULTS
 
 
+def split_sections(text: str) -> dict[str, str]:
+    """{title: body} of every ``## title`` section, in file order (the text before the first is dropped)."""
+    sections = {}
+    for chunk in re.split(r"^## ", text, flags=re.MULTILINE)[1:]:
+        title, _, body = chunk.partition("\n")
+        sections[title.strip()] = body.strip("\n")
+    return sections
+
+
 def read_section(title: str, *, path: Path | None = None) -> str | None:
     """The body of the section headed ``## {title}`` (None when the file has none)."""
     path = path or results_path()
-    text = path.read_text() if path.exists() else ""
-    heading = f"## {title}\n"
-    if not text.startswith(heading) and f"\n{heading}" not in text:
-        return None
-    body = text.split(heading, 1)[1]
-    return body.split("\n## ", 1)[0]
+    return split_sections(path.read_text() if path.exists() else "").get(title)
 
 
 def replace_section(title: str, body: str, *, path: Path | None = None) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import RESULTS, WRITTEN_LOG_ENV, code_version  # noqa: E402
+from _results import RESULTS, TITLE, WRITTEN_LOG_ENV, code_version, split_sections  # noqa: E402
 
 QUICK_RESULTS = RESULTS.with_name("RESULTS.quick.md")
 
@@ -59,7 +59,6 @@ BENCHMARKS = {
     "webhook": Benchmark("bench_webhook.py", (), (), ("--rounds", "2")),
 }
 
-TITLE = "# Benchmarks"
 STAMP_START, STAMP_END = "<!-- report: start -->", "<!-- report: end -->"
 ANALYSIS_TITLE = "Analysis (hand-written)"
 ANALYSIS_START, ANALYSIS_END = "<!-- analysis: start -->", "<!-- analysis: end -->"
@@ -71,15 +70,6 @@ def commands(names: list[str], *, tier: str) -> list[tuple[str, list[str]]]:
     """The command line of each named benchmark, in table order; ``tier`` is standard, full or quick."""
     return [(name, [sys.executable, str(Path("benchmarks") / bench.script), *getattr(bench, tier)])
             for name, bench in BENCHMARKS.items() if name in names]
-
-
-def split_sections(text: str) -> dict[str, str]:
-    """{title: body} of every ``## title`` section, in file order (the text before the first is dropped)."""
-    sections = {}
-    for chunk in re.split(r"^## ", text, flags=re.MULTILINE)[1:]:
-        title, _, body = chunk.partition("\n")
-        sections[title.strip()] = body.strip("\n")
-    return sections
 
 
 def analysis_of(text: str) -> str:
@@ -161,7 +151,6 @@ def main(argv=None) -> int:
         scratch, written_log = Path(tmp) / "RESULTS.md", Path(tmp) / "written"
         # the old sections are there for the benchmarks that read another's (detection reads the VoG cost)
         scratch.write_text(old_text or TITLE + "\n")
-        written_log.touch()
         env = {**os.environ, "BENCH_RESULTS": str(scratch), WRITTEN_LOG_ENV: str(written_log)}
         for name, command in commands(args.only, tier=tier_name):
             print(f"[report] {name}: {' '.join(command[1:])}", flush=True)
