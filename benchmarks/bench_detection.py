@@ -376,7 +376,8 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
                          "met" if mm >= 0.8 else "missed", f"{mm - 0.8:+.2f}"])
         if with_cleanlab:
             a_c = mean(lambda r: r["auroc"]["cleanlab"])
-            for k, label in (("priority", f"priority AUROC (rarity {EngineConfig.rarity_weight:g}, default) >= cleanlab's"),
+            default_label = f"priority AUROC (rarity {EngineConfig.rarity_weight:g}, default) >= cleanlab's"
+            for k, label in (("priority", default_label),
                              ("prob_label_wrong", "same, rarity 0"), ("priority_r05", "same, rarity 0.5")):
                 a_p = mean(lambda r: r["auroc"][k])
                 rows.append([label, f"{a_p:.3f} vs {a_c:.3f}", "met" if a_p >= a_c else "missed",

@@ -459,8 +459,8 @@ def estimate_forget_rate(images: ImageSource, labels: torch.Tensor, trusted: tor
         epochs = max(config.estimate_epochs, math.ceil(config.estimate_min_steps / steps_per_epoch))
         net = to_device(build_network(config.arch, dropout=config.dropout, pretrained_weights=config.pretrained_weights,
                                       **spec), device)
-        logit_adjustment = (config.estimate_logit_adjustment
-                            * label_log_prior(labels[train_idx], num_classes)).to(device)
+        logit_adjustment = ((config.estimate_logit_adjustment * label_log_prior(labels[train_idx], num_classes))
+                            .to(device) if config.estimate_logit_adjustment else None)
         opt = _sgd(net, config.lr, config)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         for epoch in range(epochs):

@@ -94,8 +94,9 @@ def calibrated_pred_probs(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndar
     plain mean falls to 0.1, and dividing by it multiplied the rare classes'
     probabilities tenfold, so that a common-class sample given a rare label
     looked right even where the model said otherwise (issue 9; engine 4cf662c,
-    benchmarks/RESULTS.md's git history).  The weights take the samples the model believes mislabelled out
-    of the mean, and leave it as it was where the labels are mostly right.
+    benchmarks/RESULTS.md's git history).  The weights take the samples the
+    model believes mislabelled out of the mean, and leave it as it was where the
+    labels are mostly right.
     """
     labels, pred_probs = check_labels_and_probs(labels, pred_probs)
     return _calibrate(labels, pred_probs)
