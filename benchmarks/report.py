@@ -32,8 +32,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
 
 from _results import RESULTS, TITLE, WRITTEN_LOG_ENV, code_version, split_sections  # noqa: E402
+from model.files import atomic_write  # noqa: E402
 
 QUICK_RESULTS = RESULTS.with_name("RESULTS.quick.md")
 
@@ -171,7 +173,9 @@ def main(argv=None) -> int:
     skipped = [name for name in BENCHMARKS if name not in args.only]
     stamp_text = stamp(version=version, tier=tier_name, ran=ran, failed=failed, skipped=skipped,
                        analysis=analysis_of(old_text))
-    out.write_text(assemble(old_text=old_text, new=new, stamp_text=stamp_text))
+    text = assemble(old_text=old_text, new=new, stamp_text=stamp_text)
+    # two hours of figures: a kill mid-write must leave the previous file, not half of this one
+    atomic_write(out, lambda f: f.write(text.encode()))
     print(f"[report] wrote {out}", flush=True)
     return 1 if failed else 0
 
