@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     args, unknown = parser.parse_known_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # werkzeug sets its own logger to INFO when it is unset, which logged every request whatever
+    # --log-level said
+    logging.getLogger("werkzeug").setLevel(args.log_level.upper())
     if unknown:
         logging.getLogger(__name__).info("ignoring options %s", unknown)
     from ml_backend.app import create_app

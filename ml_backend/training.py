@@ -473,6 +473,18 @@ def prune_prediction_versions(client: LabelStudioClient, project_id: int, *, kee
     return old
 
 
+def _claimed_events(job, project_id: int, reason: str) -> tuple[int, str]:
+    """The webhook events a claimed job stands for, and their actions (comma-separated); kept in
+    the job's meta too, for anyone looking at the queue.  A job enqueued by hand stands for one."""
+    from .training_queue import job_events
+
+    events, reasons = job_events(job.connection, project_id, job.id)
+    events, reasons = max(events, 1), ",".join(reasons) or reason
+    job.meta.update(events=events, reasons=reasons.split(","))
+    job.save_meta()
+    return events, reasons
+
+
 def train_project_job(project_id: int, reason: str = "") -> dict:
     """rq entry point: hold the project's running lock (or hand the events on), claim the pending
     slot, train; the project stays marked dirty until the job ends, so that a job killed mid-way
@@ -498,15 +510,15 @@ def train_project_job(project_id: int, reason: str = "") -> dict:
             continue         # nothing else to do for this worker: keep waiting (a few seconds a try)
         # another job trains this project and other work waits: hand the events to a pending
         # job at the back of the queue rather than hold this worker until that job ends
-        reasons = job.get_meta(refresh=True).get("reasons", [reason])
-        handed = queue.request_training(project_id, ",".join(reasons), events=int(job.meta.get("events", 1)))
         claim_pending(job.connection, project_id, job.id)
+        events, reasons = _claimed_events(job, project_id, reason)
+        handed = queue.request_training(project_id, reasons, events=events)
         logger.info("project %d is being trained by another job: events handed to %s", project_id, handed["job_id"])
         return {"status": "deferred", "project": int(project_id), "to": handed["job_id"]}
     try:
         claim_pending(job.connection, project_id, job.id)
         mark_dirty(job.connection, project_id, job.id)
-        reasons = ",".join(job.get_meta(refresh=True).get("reasons", [reason]))
+        _, reasons = _claimed_events(job, project_id, reason)
         try:
             result = run_training_job(project_id, settings=settings, reason=reasons, progress=progress)
         except LabelStudioError:

@@ -14,10 +14,10 @@ import time
 
 import pytest
 import redis
-from rq.job import Job
+from rq.job import Job, JobStatus
 
 from ml_backend.app import create_app
-from ml_backend.training_queue import RQTrainingQueue
+from ml_backend.training_queue import RQTrainingQueue, job_events
 from ml_backend.settings import Settings
 from ml_backend.store import ProjectStore
 from tests.conftest import REPO, free_port
@@ -88,8 +88,20 @@ def test_concurrent_requests_create_one_pending_job(rq_env):
         t.join()
     assert len({a["job_id"] for a in answers}) == 1
     assert sum(not a["coalesced"] for a in answers) == 1
-    job = Job.fetch(answers[0]["job_id"], connection=conn)
-    assert job.meta["events"] == 20 and queue.queue.count == 1
+    assert job_events(conn, 5, answers[0]["job_id"]) == (20, ["X"]) and queue.queue.count == 1
+
+
+def test_an_event_is_never_folded_into_a_job_rq_has_started(rq_env):
+    conn = redis.Redis.from_url(rq_env)
+    queue = RQTrainingQueue(conn, "alr-started", job_timeout=60)
+    first = queue.request_training(6, "ANNOTATION_CREATED")
+    assert queue.request_training(6, "ANNOTATION_UPDATED,ANNOTATION_CREATED", events=2)["job_id"] == first["job_id"]
+    assert job_events(conn, 6, first["job_id"]) == (3, ["ANNOTATION_CREATED", "ANNOTATION_UPDATED"])
+    Job.fetch(first["job_id"], connection=conn).set_status(JobStatus.STARTED)   # what a worker does first
+    later = queue.request_training(6, "ANNOTATION_DELETED")
+    assert not later["coalesced"] and later["job_id"] != first["job_id"]
+    assert job_events(conn, 6, first["job_id"]) == (3, ["ANNOTATION_CREATED", "ANNOTATION_UPDATED"])
+    assert job_events(conn, 6, later["job_id"]) == (1, ["ANNOTATION_DELETED"])
 
 
 def test_the_running_lock_outlives_its_ttl_while_held_and_lapses_after_its_holder_stops(rq_env, caplog):
