@@ -12,7 +12,7 @@ import threading
 import numpy as np
 from label_studio_ml.model import LabelStudioMLBase
 
-from .images import ImageCache, ImageError, task_image_url
+from .images import ImageCache, cache_task_images
 from .labelconfig import parse_label_config
 from .labels import extract_task_labels
 from .ls_client import LabelStudioClient, LabelStudioError
@@ -124,25 +124,27 @@ class NoiseRobustImageClassifier(LabelStudioMLBase):
         except LabelStudioError as exc:
             logger.warning("/predict: the experts' e-mails cannot be resolved (%s): ALR_EXPERT_USER_IDS only", exc)
             experts = self.settings.expert_user_ids
-        images, pos_ok, given = [], [], {}
+        labelled, given = [], {}
         for i, task in enumerate(todo):
             try:
-                tid = int(task["id"])
-                img_url = task_image_url(task, self.info.image_field)
-                images.append(cache.load(img_url, load_image, image_size=self.settings.image_size,
-                                         channels=self.settings.channels))
-                pos_ok.append(i)
-                given[tid] = extract_task_labels(task, self.info, label_source=self.settings.label_source,
-                                                 experts=experts,
-                                                 trust_ground_truth=self.settings.trust_ground_truth,
-                                                 label_field=self.settings.label_field).noisy
-            except (ImageError, KeyError, TypeError, ValueError) as exc:
+                given[int(task["id"])] = extract_task_labels(
+                    task, self.info, label_source=self.settings.label_source, experts=experts,
+                    trust_ground_truth=self.settings.trust_ground_truth, label_field=self.settings.label_field).noisy
+                labelled.append(i)
+            except (KeyError, TypeError, ValueError) as exc:
                 logger.warning("/predict: task %s skipped: %s", task.get("id"), exc)
-        if not images:
+        # the files as the training job reads them, so that fast mode keys their embeddings by the same
+        # bytes (the next training finds them) and downloads run in parallel
+        ok, paths, _ = cache_task_images([todo[i] for i in labelled], self.info.image_field, cache, load_image,
+                                         image_size=self.settings.image_size, channels=self.settings.channels)
+        if not ok:
             return out
-        labels = np.array([given[int(todo[i]["id"])] if given[int(todo[i]["id"])] is not None else -1
-                           for i in pos_ok], dtype=np.int64)
-        scored = engine.score_images(str(results.checkpoint), np.stack(images), labels)
+        pos_ok = [labelled[j] for j in ok]
+        labels = np.array([-1 if given[int(todo[i]["id"])] is None else given[int(todo[i]["id"])] for i in pos_ok],
+                          dtype=np.int64)
+        images = engine.FileImages(paths, image_size=self.settings.image_size, channels=self.settings.channels,
+                                   resize=self.settings.resize)
+        scored = engine.score_images(str(results.checkpoint), images, labels)
         scored.sample_ids = np.array([int(todo[i]["id"]) for i in pos_ok], dtype=np.int64)
         recs = build_records(scored, class_names=results.class_names, given=given, trusted={})
         with self._unseen_lock:

@@ -6,6 +6,7 @@ real engine on 8 px images with few epochs, so a full train -> push -> predict c
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -353,3 +354,24 @@ def test_the_report_still_opens_when_label_studio_is_down(fake_ls, monkeypatch):
     html = page.get_data(as_text=True)
     assert page.status_code == 200 and "no thumbnails: Label Studio could not be reached" in html
     assert html.count('class="card"') > 0 and "<img src=" not in html.split('id="suspects"')[1]
+
+
+def test_fast_mode_predict_embeds_unseen_tasks_where_the_next_training_finds_them(fake_ls, monkeypatch, caplog):
+    monkeypatch.setenv("ALR_FROZEN_BACKBONE", "true")
+    monkeypatch.setenv("ALR_ARCH", "resnet18")
+    monkeypatch.setenv("ALR_IMAGE_SIZE", "32")
+    run_training_job(1, settings=Settings.from_env())
+    fake_ls.add_task(1, 300, label="0", pixel=PIXEL[2], image=png_bytes(PIXEL[2], size=9))  # new, after training
+    fake_ls.add_task(1, 301, label="1", pixel=0, image=b"not a png")  # ... and one that cannot be read
+    client = create_app().test_client()
+    r = client.post("/predict", json=predict_body([fake_ls.tasks[300], fake_ls.tasks[301]]))
+    scored, broken = r.get_json()["results"]
+    assert scored["result"] and scored["score"] < 1 and not broken["result"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="model.embeddings"):
+        run_training_job(1, settings=Settings.from_env())
+    # 22 readable tasks (the training's and the others it scores): 21 of the first training and the one
+    # /predict embedded, none computed again
+    counts = [tuple(map(int, m)) for m in re.findall(r"fast mode: (\d+) embeddings from the cache, (\d+) computed",
+                                                    caplog.text)]
+    assert counts and sum(c for c, _ in counts) == 22 and all(n == 0 for _, n in counts), counts
