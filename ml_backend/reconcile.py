@@ -3,10 +3,13 @@
 Label Studio sends each webhook once, with a 1 s timeout and no retry: while redis (or the
 backend) is down, an annotation's event is answered 503 (or not at all) and lost.  Every
 ``ALR_RECONCILE_SECONDS`` the web app compares, for each project with a model version, the
-project's annotation counts in Label Studio (one ``GET /api/projects/<id>``) with the counts the
-current version was trained from (``meta.json``: ``annotation_counts``), and queues a training
-when they differ.  Counts see annotations created, skipped and deleted; an annotation UPDATED
-while its webhook was lost is seen by the next training of the project, whatever triggers it.
+project's annotation state in Label Studio with the state the current version was trained from
+(``meta.json``: ``annotation_state``), and queues a training when they differ.  The state is
+the project's annotation counts (``GET /api/projects/<id>``: annotations created, skipped,
+deleted) and how many annotations chose each label (``GET /api/projects/<id>/summary/``:
+``created_labels``), which moves when an annotation is UPDATED to another label.  Two edits that
+swap two tasks' labels leave both unchanged: those wait for the project's next training,
+whatever triggers it.  A Label Studio without the summary route is compared by counts alone.
 """
 from __future__ import annotations
 
@@ -24,9 +27,22 @@ logger = logging.getLogger(__name__)
 COUNT_FIELDS = ("total_annotations_number", "skipped_annotations_number", "num_tasks_with_annotations")
 
 
-def annotation_counts(project: dict) -> list:
-    """The counts of a Label Studio project (GET /api/projects/<id>) reconciliation compares."""
-    return [project.get(field) for field in COUNT_FIELDS]
+def annotation_state(client: LabelStudioClient, project_id: int, project: dict | None = None) -> dict:
+    """What reconciliation compares: the project's annotation counts and, where Label Studio has
+    the summary route, its annotations per label (None otherwise).  ``project``: the project as
+    just fetched (GET /api/projects/<id>), to save that call."""
+    project = client.get_project(project_id) if project is None else project
+    summary = client.get_project_summary(project_id)
+    return {"counts": [project.get(field) for field in COUNT_FIELDS],
+            "labels": None if summary is None else summary.get("created_labels")}
+
+
+def changed_since(trained: dict, now: dict) -> bool:
+    """Whether the annotations moved between two :func:`annotation_state`; labels are compared
+    only where both states have them."""
+    if trained["counts"] != now["counts"]:
+        return True
+    return trained["labels"] is not None and now["labels"] is not None and trained["labels"] != now["labels"]
 
 
 def served_projects(settings: Settings) -> list[int]:
@@ -41,12 +57,15 @@ def served_projects(settings: Settings) -> list[int]:
 
 
 def stale_projects(client: LabelStudioClient, settings: Settings) -> list[int]:
-    """Projects whose annotation counts changed since their current version was trained."""
+    """Projects whose annotations changed since their current version was trained."""
     stale = []
     for p in served_projects(settings):
         store = ProjectStore(settings.model_dir, p)
-        trained = store.load_meta(store.current_version()).get("annotation_counts")
-        if trained is not None and annotation_counts(client.get_project(p)) != trained:
+        meta = store.load_meta(store.current_version())
+        trained = meta.get("annotation_state")
+        if trained is None and meta.get("annotation_counts") is not None:     # a version from before labels
+            trained = {"counts": meta["annotation_counts"], "labels": None}
+        if trained is not None and changed_since(trained, annotation_state(client, p)):
             stale.append(p)
     return stale
 

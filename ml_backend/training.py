@@ -37,7 +37,7 @@ from .images import ImageCache, cache_task_images, load_task_images
 from .labelconfig import LabelConfigInfo, parse_label_config
 from .labels import extract_labels
 from .ls_client import LabelStudioClient
-from .reconcile import annotation_counts
+from .reconcile import annotation_state
 from .review import ensure_review_order, refresh_backend_version, reopen_suspects
 from .settings import Settings
 from .store import ProjectStore, atomic_write_json
@@ -274,6 +274,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
 
     progress("fetch", 0.0)
     project = client.get_project(p)
+    annotations_before = annotation_state(client, p, project)      # read before the tasks: see reconcile.py
     info = parse_label_config(project.get("label_config"))
     tasks = list(client.iter_tasks(p))
     experts = expert_ids(client, settings)
@@ -377,7 +378,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
             "version": version, "project": p, "class_names": list(info.class_names),
             "items": {str(k): v for k, v in records.items()}})
         meta = {"version": version, "project": p, "phase": phase, "previous": previous,
-                "annotation_counts": annotation_counts(project),      # read before the tasks: see reconcile.py
+                "annotation_state": annotations_before,
                 "reason": reason, "config_fingerprint": fingerprint,
                 "class_names": list(info.class_names), "n_tasks": len(tasks),
                 "n_trained": len(train_pos), "n_trusted": n_trusted,

@@ -375,3 +375,19 @@ def test_fast_mode_predict_embeds_unseen_tasks_where_the_next_training_finds_the
     counts = [tuple(map(int, m)) for m in re.findall(r"fast mode: (\d+) embeddings from the cache, (\d+) computed",
                                                     caplog.text)]
     assert counts and sum(c for c, _ in counts) == 22 and all(n == 0 for _, n in counts), counts
+
+
+def test_reconciliation_sees_an_annotation_edited_to_another_label(fake_ls):
+    """An edit moves no count (the webhook lost while redis was down): the labels' counts move."""
+    from ml_backend.reconcile import stale_projects
+    from ml_backend.ls_client import LabelStudioClient
+
+    settings = Settings.from_env()
+    annotation = fake_ls.annotate(200, "2")
+    run_training_job(1, settings=settings)
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    assert stale_projects(client, settings) == []
+    annotation["result"][0]["value"]["choices"] = ["1"]           # the expert changes their mind
+    assert stale_projects(client, settings) == [1]
+    run_training_job(1, settings=settings)
+    assert stale_projects(client, settings) == []

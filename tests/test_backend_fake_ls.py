@@ -146,6 +146,17 @@ class FakeLabelStudio:
                 fake.projects[pid].update(request.get_json())
             return jsonify(fake.projects[pid])
 
+        @app.route("/api/projects/<int:pid>/summary/")
+        def summary(pid):         # the real one counts every annotation's labels, updated on each edit
+            counts: dict = {}
+            for t in fake.tasks.values():
+                for ann in t["annotations"] if t["project"] == pid else []:
+                    for result in ann["result"]:
+                        for choice in result["value"].get("choices", []):
+                            per_label = counts.setdefault(result["from_name"], {})
+                            per_label[choice] = per_label.get(choice, 0) + 1
+            return jsonify({"project": pid, "created_labels": counts})
+
         @app.route("/api/tasks")
         def tasks():
             pid = int(request.args["project"])

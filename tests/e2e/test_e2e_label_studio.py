@@ -171,6 +171,41 @@ def test_annotations_made_while_redis_was_down_reach_a_model(e2e):
     assert set(current_predictions(ls, pid, new)) == set(e2e["truth"])
 
 
+def test_an_annotation_edited_while_redis_was_down_reaches_a_model(e2e):
+    """An edit to another label moves none of the project's counts; its webhook refused while
+    redis is down, the reconciliation sees it in the project summary's label counts."""
+    ls, stack, pid = e2e["ls"], e2e["stack"], e2e["project"]
+    wait_idle(stack, pid)
+    tid = next(t for t in e2e["truth"] if not ls.call("GET", f"/api/tasks/{t}/annotations"))
+    version = ls.project(pid)["model_version"]
+    annotation = ls.call("POST", f"/api/tasks/{tid}/annotations", json={   # with redis up: a model trusts it
+        "result": [{"from_name": "label", "to_name": "image", "type": "choices",
+                    "value": {"choices": [str(e2e["truth"][tid][1])]}}], "was_cancelled": False})
+    ls.wait_model_version(pid, not_in={version}, timeout=300)
+    wait_idle(stack, pid)
+    version = ls.project(pid)["model_version"]
+    meta_dir = Path(e2e["workdir"]) / "models" / f"project-{pid}" / "versions"
+    assert tid in json.loads((meta_dir / version / "meta.json").read_text())["trusted_task_ids"]
+    other = str((e2e["truth"][tid][1] + 1) % 10)
+    counts_before = [ls.project(pid)[f] for f in ("total_annotations_number", "num_tasks_with_annotations")]
+    redis_proc = stack.procs["redis"]
+    redis_proc.terminate()
+    redis_proc.wait(10)
+    t0 = time.monotonic()
+    ls.call("PATCH", f"/api/annotations/{annotation['id']}", json={"result": [
+        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [other]}}]})
+    assert [ls.project(pid)[f] for f in ("total_annotations_number", "num_tasks_with_annotations")] == counts_before
+    assert f"webhook ANNOTATION_UPDATED for project {pid} NOT queued" in \
+        (Path(e2e["workdir"]) / "backend.log").read_text()
+    stack.start_redis()
+    ls.wait_model_version(pid, not_in={version}, timeout=300)
+    wait_idle(stack, pid)
+    new = ls.project(pid)["model_version"]
+    print(f"redis down during an edit: new version {new} {time.monotonic() - t0:.0f}s after the edit")
+    meta = json.loads((meta_dir / new / "meta.json").read_text())
+    assert meta["trained_task_labels"][str(tid)] == int(other) and tid in meta["trusted_task_ids"]
+
+
 def test_health_reports_everything(e2e):
     body = requests.get(f"{e2e['stack'].backend_url}/health", auth=e2e["stack"].backend_auth, timeout=10).json()
     assert body["queue"]["redis"] is True and body["queue"]["workers"] >= 1
