@@ -145,15 +145,10 @@ class LabelStudioClient:
     def get_project(self, project_id: int) -> dict:
         return self.request("GET", f"/api/projects/{int(project_id)}")
 
-    def get_project_summary(self, project_id: int) -> dict | None:
-        """The project's summary (its ``created_labels``: how many annotations chose each label);
-        None where this Label Studio has no such route (it is internal, outside the API schema)."""
-        try:
-            return self.request("GET", f"/api/projects/{int(project_id)}/summary/")
-        except LabelStudioError as exc:
-            if exc.status == 404:
-                return None
-            raise
+    def get_project_summary(self, project_id: int) -> dict:
+        """The project's summary (its ``created_labels``: how many annotations chose each label).
+        The route is internal (outside Label Studio's API schema): other versions may lack it."""
+        return self.request("GET", f"/api/projects/{int(project_id)}/summary/")
 
     def patch_project(self, project_id: int, **fields) -> dict:
         return self.request("PATCH", f"/api/projects/{int(project_id)}", json=fields)

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 
-from .ls_client import LabelStudioClient
+from .ls_client import LabelStudioClient, LabelStudioError
 from .settings import Settings
 from .store import ProjectStore
 
@@ -32,9 +32,16 @@ def annotation_state(client: LabelStudioClient, project_id: int, project: dict |
     the summary route, its annotations per label (None otherwise).  ``project``: the project as
     just fetched (GET /api/projects/<id>), to save that call."""
     project = client.get_project(project_id) if project is None else project
-    summary = client.get_project_summary(project_id)
+    try:
+        summary = client.get_project_summary(project_id)
+    except LabelStudioError as exc:
+        # the counts still see annotations created and deleted; only edits wait for the next event
+        (logger.debug if exc.status == 404 else logger.warning)(
+            "project %d: no label counts from Label Studio's project summary (%s): comparing annotation "
+            "counts only", project_id, exc)
+        summary = None
     return {"counts": [project.get(field) for field in COUNT_FIELDS],
-            "labels": None if summary is None else summary.get("created_labels")}
+            "labels": summary.get("created_labels") if isinstance(summary, dict) else None}
 
 
 def changed_since(trained: dict, now: dict) -> bool:

@@ -391,3 +391,19 @@ def test_reconciliation_sees_an_annotation_edited_to_another_label(fake_ls):
     assert stale_projects(client, settings) == [1]
     run_training_job(1, settings=settings)
     assert stale_projects(client, settings) == []
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_without_the_project_summary_training_works_and_reconciliation_compares_counts(fake_ls, status, caplog):
+    from ml_backend.ls_client import LabelStudioClient
+    from ml_backend.reconcile import stale_projects
+
+    fake_ls.summary_status = status             # a Label Studio without the route, or failing on it
+    settings = Settings.from_env()
+    version = run_training_job(1, settings=settings)["model_version"]
+    meta = ProjectStore(settings.model_dir, 1).load_meta(version)
+    assert meta["annotation_state"]["labels"] is None
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    fake_ls.summary_status = 200                # back: no labels recorded to compare with, so not stale
+    assert stale_projects(client, settings) == []
+    assert ("comparing annotation counts only" in caplog.text) == (status == 500)

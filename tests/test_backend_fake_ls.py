@@ -56,6 +56,7 @@ class FakeLabelStudio:
         self.prediction_requests = 0
         self.users: list[dict] = []          # /api/users/
         self.seen_auth: list[str] = []
+        self.summary_status = 200            # /api/projects/<id>/summary/: set 404 or 500 to take it away
         self._next_annotation = 1
         self.app = self._make_app()
         self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
@@ -148,6 +149,8 @@ class FakeLabelStudio:
 
         @app.route("/api/projects/<int:pid>/summary/")
         def summary(pid):         # the real one counts every annotation's labels, updated on each edit
+            if fake.summary_status != 200:
+                return jsonify({"detail": "unavailable"}), fake.summary_status
             counts: dict = {}
             for t in fake.tasks.values():
                 for ann in t["annotations"] if t["project"] == pid else []:
