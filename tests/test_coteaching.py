@@ -333,10 +333,13 @@ def test_an_interrupted_phase1_resumes_exactly_with_its_early_learning_targets(t
     np.testing.assert_array_equal(whole.lnl_clean_mask, resumed.lnl_clean_mask)
 
 
-def test_logit_adjusted_folds_stop_calling_a_rare_clean_class_wrong():
+def test_logit_adjusted_folds_stop_calling_a_rare_clean_class_wrong(monkeypatch):
     """Clean long-tailed digits (20:1): plain folds call much of the rarest labels wrong; adjusted ones less."""
+    from model import coteaching
     from model.coteaching import estimate_forget_rate
     from selection import simulate
+
+    monkeypatch.setattr(coteaching, "CLASS_RATE_PRIOR", 0.0)     # the folds' own per-label rates, unshrunk
 
     train, _ = simulate.load_case(simulate.build_parser().parse_args(
         ["--out", "unused", "--seed", "0", "--noise-rate", "0", "--imbalance-ratio", "20"]))
@@ -350,8 +353,8 @@ def test_logit_adjusted_folds_stop_calling_a_rare_clean_class_wrong():
                                             config=config, device=torch.device("cpu"),
                                             generator=torch.Generator().manual_seed(0))
         rates[tau] = np.asarray(per_class)[rarest].mean()
-    # no label is wrong, yet the plain folds call about half of the rarest labels wrong (0.47 measured, 0.25 adjusted)
-    assert rates[0.0] > 0.3
+    # no label is wrong, yet the plain folds call most of the rarest labels wrong (0.70 measured, 0.41 adjusted)
+    assert rates[0.0] > 0.5
     assert rates[1.0] < rates[0.0] - 0.1, rates
 
 
