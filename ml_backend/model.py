@@ -144,7 +144,9 @@ class NoiseRobustImageClassifier(LabelStudioMLBase):
                           dtype=np.int64)
         images = engine.FileImages(paths, image_size=self.settings.image_size, channels=self.settings.channels,
                                    resize=self.settings.resize)
-        scored = engine.score_images(str(results.checkpoint), images, labels)
+        # decoded in this process: forking DataLoader workers from the threaded web app for a few images
+        # costs more than it saves and is not safe
+        scored = engine.score_images(str(results.checkpoint), images, labels, num_workers=0)
         scored.sample_ids = np.array([int(todo[i]["id"]) for i in pos_ok], dtype=np.int64)
         recs = build_records(scored, class_names=results.class_names, given=given, trusted={})
         with self._unseen_lock:

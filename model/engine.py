@@ -11,7 +11,7 @@ import logging
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -165,15 +165,20 @@ def train_and_score(images, labels, *, sample_ids=None, class_names, trusted_mas
 
 
 def score_images(checkpoint_path: str | os.PathLike, images, labels=None, *, sample_ids=None,
-                 config: EngineConfig | None = None) -> EngineResult:
+                 config: EngineConfig | None = None, num_workers: int | None = None) -> EngineResult:
     """Forward pass only, for samples the model has never seen.
 
     ``labels`` may be None or hold -1 where the given label is unknown; those
     samples get NaN loss and probability-wrong and a priority from the model's
     uncertainty alone (least confidence), so they still sort sensibly.
+    ``num_workers``: DataLoader worker processes decoding image files (None =
+    the configuration's); 0 decodes them in this process, as a web request
+    scoring a few images should rather than fork workers.
     """
     state, saved = load_checkpoint(checkpoint_path, device=None if config is None else select_device(config.device))
     config = config or EngineConfig.from_dict(saved["config"])
+    if num_workers is not None:
+        config = replace(config, num_workers=num_workers)
     class_names = list(saved["class_names"])
     if "frozen_backbone" in saved:      # fast mode: the heads score the stored backbone's embeddings
         backbone = FrozenBackbone.from_state_dict(saved["frozen_backbone"], select_device(config.device))
