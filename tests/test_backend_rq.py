@@ -238,8 +238,13 @@ def test_a_killed_job_frees_its_project_and_its_events_reach_a_model(fake_ls, tm
             assert time.monotonic() < deadline, "the killed job's annotation never reached a model"
             time.sleep(0.5)
         recovered = time.monotonic() - t_kill
+        # the version is on disk before the job pushes its predictions, sets model_version and clears the
+        # project's dirty mark: wait for the job's end (the mark), then check what it left
+        deadline = time.monotonic() + 60
+        while conn.get("alr:train:1:dirty"):
+            assert time.monotonic() < deadline, "the re-run job published its version but never finished"
+            time.sleep(0.2)
         assert fake_ls.projects[1]["model_version"] == version
-        assert not conn.get("alr:train:1:dirty")
         print(f"kill -9 of the {victim}: project freed after {freed:.1f}s, new version {version} after {recovered:.1f}s")
     finally:
         app.extensions["alr_watchdog"].stop()
