@@ -140,20 +140,20 @@ class NoiseRobustImageClassifier(LabelStudioMLBase):
         if not ok:
             return out
         pos_ok = [labelled[j] for j in ok]
-        labels = np.array([-1 if given[int(todo[i]["id"])] is None else given[int(todo[i]["id"])] for i in pos_ok],
-                          dtype=np.int64)
+        ids = [int(todo[i]["id"]) for i in pos_ok]
+        labels = np.array([-1 if given[tid] is None else given[tid] for tid in ids], dtype=np.int64)
         images = engine.FileImages(paths, image_size=self.settings.image_size, channels=self.settings.channels,
                                    resize=self.settings.resize)
         # decoded in this process: forking DataLoader workers from the threaded web app for a few images
         # costs more than it saves and is not safe
         scored = engine.score_images(str(results.checkpoint), images, labels, num_workers=0)
-        scored.sample_ids = np.array([int(todo[i]["id"]) for i in pos_ok], dtype=np.int64)
+        scored.sample_ids = np.array(ids, dtype=np.int64)
         recs = build_records(scored, class_names=results.class_names, given=given, trusted={})
         with self._unseen_lock:
             for tid, rec in recs.items():
                 self._unseen[(results.version, tid)] = rec
-        for i in pos_ok:
-            out[i] = recs[int(todo[i]["id"])]
+        for i, tid in zip(pos_ok, ids):
+            out[i] = recs[tid]
         return out
 
     # -- training (label-studio-ml's own path; the app enqueues instead) --------------

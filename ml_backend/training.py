@@ -480,10 +480,10 @@ def _claimed_events(job, project_id: int, reason: str) -> tuple[int, str]:
     from .training_queue import job_events
 
     events, reasons = job_events(job.connection, project_id, job.id)
-    events, reasons = max(events, 1), ",".join(reasons) or reason
-    job.meta.update(events=events, reasons=reasons.split(","))
+    events, reasons = max(events, 1), reasons or reason.split(",")
+    job.meta.update(events=events, reasons=reasons)
     job.save_meta()
-    return events, reasons
+    return events, ",".join(reasons)
 
 
 def train_project_job(project_id: int, reason: str = "") -> dict:
