@@ -1,7 +1,9 @@
 """benchmarks/report.py: its table names real scripts, and it writes RESULTS.md whole with the analysis on top."""
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,35 @@ def test_a_run_writes_the_file_from_the_benchmarks_own_sections(tmp_path, monkey
     assert report.main(["--out", str(out)]) == 1      # the broken one fails, the others' sections are rewritten
     text = out.read_text()
     assert "**Failed" in text and "## V\n\n<!-- benchmark: first -->" in text and "## X" not in text
+
+
+def test_a_report_killed_mid_run_leaves_the_previous_file(tmp_path):
+    """SIGKILL to the report (and its benchmark) while a benchmark has written its section: the file is
+    the previous one, byte for byte, and the next run writes it whole."""
+    started = tmp_path / "started"
+    script = tmp_path / "slow.py"
+    script.write_text("import os, sys, time; sys.path.insert(0, 'benchmarks'); from _results import replace_section; "
+                      "replace_section('V', 'half a run'); open(os.environ['STARTED'], 'w').close(); "
+                      "time.sleep(float(os.environ['SLEEP']))")
+    out = tmp_path / "RESULTS.md"
+    out.write_text(OLD)
+    driver = ("import sys; from benchmarks import report; "
+              f"report.BENCHMARKS = {{'slow': report.Benchmark({str(script)!r})}}; "
+              f"sys.exit(report.main(['--out', {str(out)!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT, start_new_session=True,
+                            env={**os.environ, "STARTED": str(started), "SLEEP": "600"})
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the stand-in benchmark never started"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert out.read_text() == OLD
+    subprocess.run([sys.executable, "-c", driver], cwd=ROOT, check=True, timeout=120,
+                   env={**os.environ, "STARTED": str(started), "SLEEP": "0"})
+    assert "half a run" in out.read_text() and "Run at this commit: slow." in out.read_text()
 
 
 def test_dry_run_prints_one_command_per_benchmark():
