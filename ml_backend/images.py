@@ -3,7 +3,11 @@
 Supported URLs: Label Studio uploads (``/data/upload/...``, relative), local-files storage
 (``http://<ls-host>/data/local-files/?d=...``) - both fetched with the API key - and plain
 http(s) URLs (fetched without it).  A broken or missing image raises ``ImageError`` with a
-message; callers skip the task and log it, they never stop.
+message; callers skip the task and log it, they never stop.  A host that does not answer, or
+answers "not now" (429, 5xx), is another matter: the image is not broken, its host is.  Such a
+download is tried again (``attempts``), then raises :class:`ImageHostError`; and where a job
+must not train on what is left (``max_unreachable``), more such images than it allows stop
+the downloads and raise :class:`ImageHostDown`.
 
 The cache is bounded (``max_cache_bytes``, ALR_IMAGE_CACHE_MAX_MB).  The rule, which holds
 across processes and machines that share the cache directory:
@@ -54,6 +58,15 @@ class ImageError(ValueError):
     """An image could not be fetched or decoded (the message says which and why)."""
 
 
+class ImageHostError(ImageError):
+    """An image's host did not answer, or failed, on every attempt: the image itself may be fine."""
+
+
+class ImageHostDown(RuntimeError):
+    """More images than a job allows could not be fetched because their host failed (the message
+    says how many, an example, and what to do)."""
+
+
 class ImageCache:
     """Downloads task images into ``cache_dir`` (file name = sha256 of the URL), bounded in size.
 
@@ -64,14 +77,21 @@ class ImageCache:
         module docstring for which files eviction may remove.
     protect_seconds : files touched less than this long ago are never evicted (the job
         timeout: a file that recent may belong to a job still running elsewhere).
+    attempts : tries per download when the host does not answer or answers 429/5xx, waiting
+        ``retry_wait`` seconds, then twice that, ... in between (a training job rides out a
+        blip of the image host; a web request should try once).
     """
 
     _LOW_WATER = 0.9          # eviction frees down to this share of the cap, not just below it
 
     def __init__(self, cache_dir: str | os.PathLike, client: LabelStudioClient, *,
                  max_bytes: int = 64 * 1024 * 1024, max_cache_bytes: int | None = None,
-                 protect_seconds: float = 0.0):
+                 protect_seconds: float = 0.0, attempts: int = 3, retry_wait: float = 0.5):
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}")
         self.cache_dir = Path(cache_dir)
+        self.attempts = attempts
+        self.retry_wait = retry_wait
         self.client = client
         self.max_bytes = max_bytes
         self.max_cache_bytes = max_cache_bytes or None
@@ -99,15 +119,24 @@ class ImageCache:
                 return path
             except FileNotFoundError:         # evicted by another process just now: download again
                 pass
-        try:
-            data = self.client.download(url, max_bytes=self.max_bytes)
-        except LabelStudioError as exc:
-            raise ImageError(f"cannot download image: {exc}") from None
+        data = self._download(url)
         if not data:
             raise ImageError(f"image is empty: {url[:120]}")
         self._make_room(len(data))
         atomic_write(path, lambda out: out.write(data), durable=False)
         return path
+
+    def _download(self, url: str) -> bytes:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return self.client.download(url, max_bytes=self.max_bytes)
+            except LabelStudioError as exc:
+                if not exc.transient:
+                    raise ImageError(f"cannot download image: {exc}") from None
+                if attempt == self.attempts:
+                    raise ImageHostError(f"cannot download image: {exc} "
+                                         f"({self.attempts} attempt{'s' if self.attempts > 1 else ''})") from None
+                time.sleep(self.retry_wait * 2 ** (attempt - 1))
 
     def release(self, path: Path) -> None:
         """``path`` is no longer needed by this job (a broken download, say)."""
@@ -182,9 +211,13 @@ class ImageCache:
 
 
 def load_task_images(tasks: list[dict], image_field: str, cache: ImageCache, load_image: Callable,
-                     *, image_size: int, channels: int, workers: int = 8
+                     *, image_size: int, channels: int, workers: int = 8, max_unreachable: int | None = None
                      ) -> tuple[list[int], np.ndarray, dict[int, str]]:
     """Images of ``tasks``, decoded into memory; broken ones are skipped with a warning.
+
+    ``max_unreachable``: how many images whose host failed (:class:`ImageHostError`) may be
+    skipped like broken ones; one more stops the downloads and raises :class:`ImageHostDown`.
+    None: any number (skipped).
 
     Returns
     -------
@@ -194,7 +227,8 @@ def load_task_images(tasks: list[dict], image_field: str, cache: ImageCache, loa
     """
     arrays: list[np.ndarray] = []
     ok_idx, _, errors = _fetch_and_check(tasks, image_field, cache, load_image, image_size=image_size,
-                                         channels=channels, workers=workers, keep=arrays.append)
+                                         channels=channels, workers=workers, keep=arrays.append,
+                                         max_unreachable=max_unreachable)
     if arrays:
         images = np.stack(arrays).astype(np.uint8, copy=False)
     else:
@@ -203,7 +237,7 @@ def load_task_images(tasks: list[dict], image_field: str, cache: ImageCache, loa
 
 
 def cache_task_images(tasks: list[dict], image_field: str, cache: ImageCache, load_image: Callable,
-                      *, image_size: int, channels: int, workers: int = 8
+                      *, image_size: int, channels: int, workers: int = 8, max_unreachable: int | None = None
                       ) -> tuple[list[int], list[str], dict[int, str]]:
     """Like :func:`load_task_images`, but returns the cached files' paths, not the pixels.
 
@@ -212,22 +246,39 @@ def cache_task_images(tasks: list[dict], image_field: str, cache: ImageCache, lo
     ``model.sources.FileImages`` streams the files into training).
     """
     return _fetch_and_check(tasks, image_field, cache, load_image, image_size=image_size,
-                            channels=channels, workers=workers, keep=None)
+                            channels=channels, workers=workers, keep=None, max_unreachable=max_unreachable)
 
 
-def _fetch_and_check(tasks, image_field, cache, load_image, *, image_size, channels, workers, keep):
+def _fetch_and_check(tasks, image_field, cache, load_image, *, image_size, channels, workers, keep,
+                     max_unreachable):
     from concurrent.futures import ThreadPoolExecutor
+
+    unreachable: dict[int, str] = {}             # task id -> why, for the images whose host failed
+    lock = threading.Lock()
 
     def fetch(task):          # network in parallel; decoding stays in this thread
         url = task_image_url(task, image_field)
+        if max_unreachable is not None and len(unreachable) > max_unreachable:
+            return url, "not fetched: the image host failed for too many images"
         try:
             cache.fetch(url)
             return url, None
+        except ImageHostError as exc:
+            with lock:
+                unreachable[int(task["id"])] = str(exc)
+            return url, str(exc)
         except ImageError as exc:
             return url, str(exc)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         fetched = list(pool.map(fetch, tasks))
+    if max_unreachable is not None and len(unreachable) > max_unreachable:
+        tid, why = next(iter(unreachable.items()))
+        raise ImageHostDown(
+            f"{len(unreachable)} image(s) could not be downloaded because their host did not answer or failed "
+            f"(at most {max_unreachable} of these {len(tasks)} tasks may be skipped), e.g. task {tid}: {why}. "
+            f"The downloads stopped there. Check that the image host (Label Studio, its cloud storage, or "
+            f"an ALR_IMAGE_HOSTS server) is up and reachable from here.")
     ok_idx, paths, errors = [], [], {}
     for i, (task, (url, error)) in enumerate(zip(tasks, fetched)):
         try:

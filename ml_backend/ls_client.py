@@ -28,11 +28,21 @@ logger = logging.getLogger(__name__)
 
 
 class LabelStudioError(RuntimeError):
-    """A Label Studio API call failed (the message has the method, path and status)."""
+    """A Label Studio API call failed (the message has the method, path and status).
 
-    def __init__(self, message: str, status: int | None = None):
+    ``unreachable``: no answer came (connection refused or dropped, timeout), as when the
+    server went away; :attr:`transient` says whether the same call may work later.
+    """
+
+    def __init__(self, message: str, status: int | None = None, *, unreachable: bool = False):
         super().__init__(message)
         self.status = status
+        self.unreachable = unreachable
+
+    @property
+    def transient(self) -> bool:
+        """No answer, or an answer that says "not now" (429 or 5xx), rather than one about the request."""
+        return self.unreachable or self.status == 429 or (self.status or 0) >= 500
 
 
 class LabelStudioAuthError(LabelStudioError):
@@ -77,7 +87,7 @@ class LabelStudioClient:
             r = self.session.post(f"{self.url}/api/token/refresh/", json={"refresh": self._key},
                                   timeout=self.timeout)
         except requests.RequestException as exc:      # Label Studio down: the same error as any other call
-            raise LabelStudioError(f"POST /api/token/refresh/: {type(exc).__name__}") from None
+            raise LabelStudioError(f"POST /api/token/refresh/: {type(exc).__name__}", unreachable=True) from None
         if r.status_code != 200:
             raise LabelStudioAuthError(
                 f"LABEL_STUDIO_API_KEY was refused: exchanging it as a personal access token "
@@ -112,7 +122,7 @@ class LabelStudioClient:
             try:
                 r = self.session.request(method, url, headers=headers, **kwargs)
             except requests.RequestException as exc:
-                raise LabelStudioError(f"{method} {_path(url)}: {type(exc).__name__}") from None
+                raise LabelStudioError(f"{method} {_path(url)}: {type(exc).__name__}", unreachable=True) from None
             if r.status_code == 401:
                 if self._mode == "pat" and not refreshed and self._access is not None:
                     refreshed, self._access = True, None      # access token expired
@@ -231,7 +241,7 @@ class LabelStudioClient:
                 try:
                     r = self.session.get(target, timeout=self.timeout, stream=True, allow_redirects=False)
                 except requests.RequestException as exc:
-                    raise LabelStudioError(f"GET {_host(target)}: {type(exc).__name__}") from None
+                    raise LabelStudioError(f"GET {_host(target)}: {type(exc).__name__}", unreachable=True) from None
                 if r.status_code >= 400:
                     raise LabelStudioError(f"GET {_host(target)}{urlparse(target).path}: HTTP {r.status_code}",
                                            r.status_code)
@@ -241,11 +251,16 @@ class LabelStudioClient:
         else:
             raise LabelStudioError(f"GET {url[:80]!r}: more than 3 redirects")
         chunks, size = [], 0
-        for chunk in r.iter_content(65536):
-            size += len(chunk)
-            if size > max_bytes:
-                raise LabelStudioError(f"GET {_path(target)}: file larger than {max_bytes} bytes")
-            chunks.append(chunk)
+        try:
+            for chunk in r.iter_content(65536):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise LabelStudioError(f"GET {_path(target)}: file larger than {max_bytes} bytes")
+                chunks.append(chunk)
+        except requests.RequestException as exc:         # the host went away mid-file
+            raise LabelStudioError(f"GET {_host(target)}: {type(exc).__name__} mid-file", unreachable=True) from None
+        finally:
+            r.close()
         return b"".join(chunks)
 
 

@@ -117,7 +117,7 @@ class NoiseRobustImageClassifier(LabelStudioMLBase):
                            LabelStudioClient(url, key, timeout=self.settings.request_timeout,
                                              image_hosts=self.settings.image_hosts),
                            max_cache_bytes=self.settings.image_cache_max_mb * 2**20,
-                           protect_seconds=self.settings.job_timeout)
+                           protect_seconds=self.settings.job_timeout, attempts=1)   # Label Studio asks again
         load_image = self.settings.image_loader(engine.load_image)
         try:
             experts = expert_ids(cache.client, self.settings)      # as the training job counts them

@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from .images import ImageCache, cache_task_images, load_task_images
+from .images import ImageCache, ImageHostDown, cache_task_images, load_task_images
 from .labelconfig import LabelConfigInfo, parse_label_config
 from .labels import extract_labels
 from .ls_client import LabelStudioClient
@@ -255,6 +255,21 @@ class _JobProgress:
         self._stage = stage
 
 
+#: images whose host failed that a training may skip: this share of the project's tasks, at most UNREACHABLE_MAX
+UNREACHABLE_SHARE = 0.02
+UNREACHABLE_MAX = 20
+
+
+def unreachable_allowance(num_tasks: int) -> int:
+    """How many images whose host did not answer (after the cache's retries) a training may skip.
+
+    A few such images are a flaky file; more are a host that is down, and training on the rest
+    would publish a version that lacks those tasks (no prediction, so the label stream loses
+    their order) and their experts' labels.  Beyond the allowance the job fails and the served
+    version stays: 2% of the tasks, never more than 20, none for a project under 50 tasks."""
+    return min(UNREACHABLE_MAX, int(UNREACHABLE_SHARE * num_tasks))
+
+
 def run_training_job(project_id: int, *, settings: Settings | None = None, reason: str = "",
                      progress: Progress | None = None, client: LabelStudioClient | None = None) -> dict:
     """Train (Phase 1 first, Phase 2 fine-tuning after), publish a version, push predictions.
@@ -304,22 +319,24 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     # a large project keeps file paths and lets DataLoader workers decode per batch; so does fast mode,
     # whose embeddings are found again by the files' bytes (a retraining decodes no image it has seen)
     streaming = settings.frozen_backbone or len(tasks) > settings.stream_above_tasks
+    fetch = cache_task_images if streaming else load_task_images
     if streaming:
         logger.info("project %d: streaming images from the cache (%s)", p,
                     "fast mode" if settings.frozen_backbone else
                     f"{len(tasks)} tasks > ALR_STREAM_ABOVE_TASKS={settings.stream_above_tasks}")
-        ok_idx, paths, errors = cache_task_images(tasks, info.image_field, cache, load_image,
-                                                  image_size=settings.image_size, channels=settings.channels)
+    try:
+        ok_idx, fetched, errors = fetch(tasks, info.image_field, cache, load_image, image_size=settings.image_size,
+                                        channels=settings.channels, max_unreachable=unreachable_allowance(len(tasks)))
+    except ImageHostDown as exc:
+        logger.error("project %d: not training: %s Version %s stays served; the next event, or reconciliation "
+                     "(ALR_RECONCILE_SECONDS) once a version exists, tries again.", p, exc, previous or "(none)")
+        raise
 
-        def images_at(pos):
-            return engine.FileImages([paths[j] for j in pos], image_size=settings.image_size,
+    def images_at(pos):
+        if streaming:
+            return engine.FileImages([fetched[j] for j in pos], image_size=settings.image_size,
                                      channels=settings.channels, resize=settings.resize)
-    else:
-        ok_idx, images, errors = load_task_images(tasks, info.image_field, cache, load_image,
-                                                  image_size=settings.image_size, channels=settings.channels)
-
-        def images_at(pos):
-            return images[pos]
+        return fetched[pos]
     ok_tasks = [tasks[i] for i in ok_idx]
     ok_labels = [labels[i] for i in ok_idx]
     train_pos = [j for j, tl in enumerate(ok_labels) if tl.label is not None]
@@ -351,8 +368,8 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         processes = settings.training_processes
         if processes > 1:
             result = train_with_torchrun(
-                images=None if streaming else images[train_pos],
-                image_paths=[paths[j] for j in train_pos] if streaming else None, channels=settings.channels,
+                images=None if streaming else fetched[train_pos],
+                image_paths=[fetched[j] for j in train_pos] if streaming else None, channels=settings.channels,
                 labels=y, sample_ids=ids, trusted_mask=trusted_mask, class_names=list(info.class_names),
                 config=config, previous_checkpoint=previous_checkpoint, checkpoint_path=tmp / "checkpoint.pt",
                 work_dir=tmp / "torchrun", processes=processes,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import pytest
 
@@ -345,6 +346,68 @@ def test_the_report_page_shows_the_suspects_and_the_progress_of_relabels(fake_ls
     assert f'src="{fake_ls.url}/data/upload/1/task-201.png"' in html      # its thumbnail, from Label Studio
     assert "<td>1</td><td>1</td><td>100%</td>" in html                    # v2: one relabel, it changed the label
     assert html.count('src="data:image/png;base64,') == 2                  # the two plots
+
+
+class ImageHost:
+    """A real HTTP server of scans on another host than Label Studio's (ALR_IMAGE_HOSTS), which can go
+    away (its port then refuses connections) and come back on the same port."""
+
+    def __init__(self, files: dict[str, bytes], port: int = 0):
+        from flask import Flask
+        from werkzeug.serving import make_server
+
+        app = Flask("image-host")
+        app.add_url_rule("/scans/<name>", "scan", lambda name: files[name])
+        self.server = make_server("127.0.0.1", port, app, threaded=True)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_image_host_that_went_away_fails_the_training_and_the_served_version_stays(fake_ls, monkeypatch,
+                                                                                        caplog):
+    from ml_backend.images import ImageHostDown
+
+    first = run_training_job(1, settings=Settings.from_env())["model_version"]
+    scans = {f"{tid}.png": png_bytes(PIXEL[tid % 3]) for tid in range(300, 330)}
+    host = ImageHost(scans)
+    host.stop()                                              # gone before the retraining downloads
+    monkeypatch.setenv("ALR_IMAGE_HOSTS", "127.0.0.1")
+    for tid in range(300, 330):
+        fake_ls.add_task(1, tid, label=str(tid % 3), pixel=0, url=f"http://127.0.0.1:{host.port}/scans/{tid}.png")
+    with pytest.raises(ImageHostDown, match=r"their host did not answer .* e\.g\. task 3\d\d: .*ConnectionError"):
+        run_training_job(1, settings=Settings.from_env())
+    assert "Version " + first + " stays served" in caplog.text
+    store = ProjectStore(Settings.from_env().model_dir, 1)
+    assert store.current_version() == first and store.list_versions() == [first]
+    assert not list(store.root.glob(".tmp-*"))
+    back = ImageHost(scans, port=host.port)                  # the host is back: nothing was lost
+    try:
+        summary = run_training_job(1, settings=Settings.from_env())
+    finally:
+        back.stop()
+    assert summary["status"] == "trained" and summary["skipped_images"] == 1      # the broken PNG only
+    assert set(range(300, 330)) <= set(store.load(summary["model_version"]).items)
+
+
+def test_an_image_host_answering_503_is_asked_again_and_one_that_keeps_failing_stops_the_downloads(fake_ls):
+    from ml_backend.images import ImageHostDown
+
+    fake_ls.image_failures = 5                               # a blip: five answers of 503
+    summary = run_training_job(1, settings=Settings.from_env())
+    assert summary["status"] == "trained" and summary["skipped_images"] == 1
+    assert fake_ls.image_requests == len(fake_ls.tasks) + 5  # each of the five was asked again, once
+    for tid in range(300, 340):
+        fake_ls.add_task(1, tid, label=str(tid % 3), pixel=PIXEL[tid % 3])
+    fake_ls.image_failures, before = 10**6, fake_ls.image_requests      # overloaded for good
+    with pytest.raises(ImageHostDown, match="at most 1 of these 62 tasks"):
+        run_training_job(1, settings=Settings.from_env())
+    # at most 1 may be skipped: the downloads stop after the second, with the 8 in flight finishing
+    # their 3 attempts, instead of 3 attempts at each of the 40 new images
+    assert fake_ls.image_requests - before <= (2 + 8) * 3
 
 
 def test_the_report_still_opens_when_label_studio_is_down(fake_ls, monkeypatch):

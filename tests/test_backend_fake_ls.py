@@ -57,6 +57,8 @@ class FakeLabelStudio:
         self.users: list[dict] = []          # /api/users/
         self.seen_auth: list[str] = []
         self.summary_status = 200            # /api/projects/<id>/summary/: set 404 or 500 to take it away
+        self.image_failures = 0              # the next this many /data/upload/ requests get 503 (an overloaded host)
+        self.image_requests = 0
         self._next_annotation = 1
         self.app = self._make_app()
         self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
@@ -204,6 +206,11 @@ class FakeLabelStudio:
 
         @app.route("/data/upload/<path:rest>")
         def upload(rest):
+            with fake.lock:
+                fake.image_requests += 1
+                failing, fake.image_failures = fake.image_failures > 0, max(fake.image_failures - 1, 0)
+            if failing:
+                return "service unavailable", 503
             data = fake.files.get(f"/data/upload/{rest}")
             if data is None:
                 return "not found", 404

@@ -24,9 +24,10 @@ def png(size=(4, 4), value=200) -> bytes:
 
 
 class Server:
-    """A loopback HTTP server answering every GET with ``body`` or a redirect to ``redirect``."""
+    """A loopback HTTP server answering every GET with ``body`` or a redirect to ``redirect``;
+    with ``cut_after`` it announces the whole body, sends that many bytes and hangs up."""
 
-    def __init__(self, *, body: bytes = b"", redirect: str | None = None):
+    def __init__(self, *, body: bytes = b"", redirect: str | None = None, cut_after: int | None = None):
         self.requests: list[str] = []
         outer = self
 
@@ -41,7 +42,9 @@ class Server:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(body[:cut_after])
+                if cut_after is not None:
+                    self.close_connection = True
 
             def log_message(self, *args):
                 pass
@@ -144,3 +147,13 @@ def test_non_square_images_are_stretched_padded_or_cropped_as_asked():
     assert cropped.mean() > 240                                   # the centre square has no dark edge
     with pytest.raises(ValueError, match="resize must be one of"):
         load_image(buf.getvalue(), image_size=30, channels=1, resize="squash")
+
+
+def test_a_host_that_hangs_up_mid_file_is_asked_again_then_named_never_a_crash(servers, tmp_path):
+    from ml_backend.images import ImageCache, ImageHostError
+
+    cut = servers(body=png(size=(64, 64)), cut_after=20)
+    cache = ImageCache(tmp_path, client("127.0.0.1"), attempts=2, retry_wait=0)
+    with pytest.raises(ImageHostError, match=r"GET http://127\.0\.0\.1:\d+: \w+ mid-file \(2 attempts\)"):
+        cache.fetch(f"{cut.url}/scan.png")
+    assert len(cut.requests) == 2 and not list(tmp_path.rglob("*"))   # asked twice, nothing half-written
