@@ -52,9 +52,9 @@ class NoiseRobustImageClassifier(LabelStudioMLBase):
     def __init__(self, label_config=None, train_output=None, *, project=None,
                  settings: Settings | None = None, results_cache: ResultsCache | None = None,
                  **kwargs):
-        super().__init__(label_config=label_config, train_output=train_output, **kwargs)
+        self.info = parse_label_config(label_config)   # first: the base class's parser fails on bad XML
+        super().__init__(label_config=label_config, train_output=train_output, **kwargs)   # with a bare error
         self.settings = settings or Settings.from_env()
-        self.info = parse_label_config(label_config)
         self.project_id = parse_project_id(project)
         self.results_cache = results_cache or ResultsCache(self.settings.model_dir)
         self._unseen_lock = threading.Lock()

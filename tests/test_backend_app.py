@@ -207,6 +207,9 @@ def test_bad_requests_get_messages(backend_env):
     assert r.status_code == 400 and "tasks" in r.get_json()["error"]
     r = client.post("/predict", json={"tasks": [{"id": 1, "data": {}}]})
     assert r.status_code == 400 and "label_config" in r.get_json()["error"]
+    for route, field in (("/predict", "label_config"), ("/setup", "schema")):    # not XML at all (found by fuzzing)
+        r = client.post(route, json={"tasks": [], field: "0"})
+        assert r.status_code == 400 and "not valid XML" in r.get_json()["error"]
     r = client.post("/webhook", json={"project": 1})
     assert r.status_code == 400 and "action" in r.get_json()["error"]
     r = client.post("/webhook", json={"action": "ANNOTATION_CREATED"})
