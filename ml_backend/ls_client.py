@@ -48,6 +48,8 @@ class LabelStudioError(RuntimeError):
 class LabelStudioAuthError(LabelStudioError):
     """The API key was refused (401/403) in both its legacy and its PAT form."""
 
+    transient = False          # asking again with the same key changes nothing
+
 
 def _looks_like_jwt(key: str) -> bool:
     parts = key.split(".")
@@ -186,7 +188,7 @@ class LabelStudioClient:
                            batch_size: int = 500) -> int:
         """Create predictions in bulk (POST /api/projects/{id}/import/predictions), batched.
 
-        Each batch is retried 3 times with backoff on connection errors / 5xx.
+        Each batch is tried 3 times, with backoff, while the error is transient (no answer, 429 or 5xx).
         Returns the number created.
         """
         created = 0
@@ -198,8 +200,7 @@ class LabelStudioClient:
                                         json=batch, timeout=max(self.timeout, 120))
                     break
                 except LabelStudioError as exc:
-                    if isinstance(exc, LabelStudioAuthError) or (exc.status and exc.status < 500) \
-                            or attempt == 2:
+                    if not exc.transient or attempt == 2:
                         raise
                     time.sleep(1.0 * (attempt + 1))
             created += int((body or {}).get("created", len(batch)))
