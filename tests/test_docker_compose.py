@@ -254,12 +254,14 @@ def raw_compose() -> dict:
     return yaml.safe_load(COMPOSE_FILE.read_text())
 
 
-REQUIRED_SECRETS = {"BASIC_AUTH_PASS": "generated-in-docker-env"}
+REQUIRED_SECRETS = {"BASIC_AUTH_PASS": "generated-in-docker-env", "POSTGRES_PASSWORD": "generated-db-password"}
 
 
-def test_compose_refuses_to_start_without_the_backend_password(raw_compose):
-    with pytest.raises(ValueError, match="BASIC_AUTH_PASS"):
-        _resolve(raw_compose, {})
+@pytest.mark.parametrize("secret", sorted(REQUIRED_SECRETS))
+def test_compose_refuses_to_start_without_each_password(raw_compose, secret):
+    others = {name: value for name, value in REQUIRED_SECRETS.items() if name != secret}
+    with pytest.raises(ValueError, match=secret):
+        _resolve(raw_compose, others)
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +282,7 @@ def code_env() -> dict[str, str]:
 
 def test_expected_services_exist(compose):
     services = compose.get("services") or {}
-    missing = [s for s in ("label-studio", "redis", *APP_SERVICES) if s not in services]
+    missing = [s for s in ("label-studio", "postgres", "redis", *APP_SERVICES) if s not in services]
     assert not missing, f"docker-compose.yml has no service(s) {missing}; found {sorted(services)}"
 
 
@@ -514,6 +516,36 @@ def test_health_checks(compose):
     for var in ("ML_BLOCK_LOCAL_IP", "SSRF_PROTECTION_ENABLED"):
         assert ls_env.get(var, "").lower() == "false", \
             f"label-studio needs {var}=false, or it refuses the backend on the private network"
+
+
+def test_label_studio_runs_on_the_postgres_service(compose):
+    """On SQLite Label Studio takes the next task outside a transaction: two reviewers pressing "Label
+    All Tasks" at once can get the same suspect.  The stack's Label Studio uses the postgres service,
+    with that service's credentials, once it is ready, and the database stays private and persistent."""
+    services = compose["services"]
+    ls_env, db = _service_env(services["label-studio"]), services["postgres"]
+    db_env = _service_env(db)
+    assert ls_env.get("DJANGO_DB") == "default", "DJANGO_DB=default is Label Studio's name for PostgreSQL"
+    assert ls_env.get("POSTGRE_HOST") == "postgres" and ls_env.get("POSTGRE_PORT") == "5432"
+    assert (ls_env.get("POSTGRE_NAME"), ls_env.get("POSTGRE_USER"), ls_env.get("POSTGRE_PASSWORD")) == \
+        (db_env["POSTGRES_DB"], db_env["POSTGRES_USER"], db_env["POSTGRES_PASSWORD"])
+    assert db_env["POSTGRES_PASSWORD"] == REQUIRED_SECRETS["POSTGRES_PASSWORD"]
+    condition = ((services["label-studio"].get("depends_on") or {}).get("postgres") or {}).get("condition")
+    assert condition == "service_healthy", "label-studio must wait for postgres to be healthy (it migrates at start)"
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"])
+    assert not db.get("ports"), "postgres must not be published: only Label Studio talks to it"
+    assert db.get("networks") == services["label-studio"].get("networks")
+    assert any(target == "/var/lib/postgresql/data" and source in (compose.get("volumes") or {})
+               for source, target in _mounts(db, compose.get("volumes") or {})), \
+        "postgres's data directory must be a declared volume"
+
+
+def test_label_studio_reserves_a_served_task_for_minutes_not_a_day(compose):
+    from ml_backend.demo import DEMO_TASK_LOCK_TTL
+
+    ttl = _service_env(compose["services"]["label-studio"]).get("TASK_LOCK_TTL")
+    assert ttl is not None and int(ttl) == DEMO_TASK_LOCK_TTL, \
+        f"label-studio's TASK_LOCK_TTL is {ttl!r}: without it a look before the first version locks a task for a day"
 
 
 # ---------------------------------------------------------------------------------------------
