@@ -128,6 +128,7 @@ class Stack:
     backend_password: str = field(default_factory=lambda: secrets.token_urlsafe(18), repr=False)
     backend_env: dict = field(default_factory=dict)
     task_lock_ttl: int | None = None      # Label Studio's TASK_LOCK_TTL (seconds); None = its default
+    label_studio_env: dict = field(default_factory=dict)  # more of Label Studio's settings (e.g. DJANGO_DB, POSTGRE_*)
     procs: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -183,7 +184,8 @@ class Stack:
                     LABEL_STUDIO_USER_TOKEN=self.token, ML_BLOCK_LOCAL_IP="false",
                     SSRF_PROTECTION_ENABLED="false", COLLECT_ANALYTICS="false",
                     LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true",
-                    **({"TASK_LOCK_TTL": str(self.task_lock_ttl)} if self.task_lock_ttl else {}))
+                    **({"TASK_LOCK_TTL": str(self.task_lock_ttl)} if self.task_lock_ttl else {}),
+                    **self.label_studio_env)
 
     def start_label_studio(self, timeout: float = 240) -> None:
         exe = self.ls_venv / "bin" / "label-studio"

@@ -3,7 +3,8 @@
 #   - .venv with the project (torch 2.14.1, torchvision 0.29.1, label-studio-ml 1.0.9, redis, rq, ...);
 #   - redis-server (Debian package) for the training queue, when it is missing;
 #   - with --label-studio: Label Studio 1.23.2 in its own environment (.ls-venv), for the demo and e2e tests,
-#     and moto's S3 server (.s3-venv) for the cloud-storage e2e test.
+#     moto's S3 server (.s3-venv) for the cloud-storage e2e test, chromium (browser tests) and postgresql
+#     (Label Studio on the compose stack's database).
 # Idempotent: a second run only checks.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,12 +29,15 @@ fi
   || { echo "setup: the project environment is incomplete (see pip's output above)" >&2; exit 1; }
 
 # Debian packages: redis-server for the training queue; with --label-studio also chromium and its
-# driver, for the browser tests of the review loop (Selenium is pointed at /usr/bin/chromedriver)
+# driver, for the browser tests of the review loop (Selenium is pointed at /usr/bin/chromedriver),
+# and postgresql
 APT_PACKAGES=()
 command -v redis-server >/dev/null 2>&1 || APT_PACKAGES+=(redis-server)
 if [ "$WITH_LS" = 1 ]; then
   command -v chromium >/dev/null 2>&1 || APT_PACKAGES+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || APT_PACKAGES+=(chromium-driver)
+  # PostgreSQL, for the e2e test of Label Studio on the database the compose stack gives it
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || APT_PACKAGES+=(postgresql)
 fi
 if [ "${#APT_PACKAGES[@]}" -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
