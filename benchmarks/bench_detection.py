@@ -27,13 +27,16 @@ and its noisy labels:
     cleanlab.filter.find_label_issues.  "priority on CV probs" applies the
     project's selection.rank.relabel_priority to those same out-of-fold probabilities.
 
-LNL clean sets compared (three Co-teaching + VoG runs that differ only in selection):
+LNL clean sets compared (four Co-teaching + VoG runs that differ only in selection):
 
 * per-label (default): EngineConfig() as is: the forget rate is estimated, overall and
   within each given label, and the class-balanced selection uses the per-label rates;
 * one rate: EngineConfig(forget_rate=<the overall estimate of the default run>): the
   class-balanced selection with that one rate in every label (the previous variant);
-* global (the paper's): EngineConfig(selection="global", forget_rate=<same estimate>).
+* global (the paper's): EngineConfig(selection="global", forget_rate=<same estimate>);
+* true per-label rates (an oracle, not a method): EngineConfig(class_forget_rates=<the true
+  share of wrong labels within each given label>): what the default would do with a perfect
+  rate estimate, so that a miss can be told apart as the estimate's or the selection's.
 
 The two variants reuse the default run's overall estimate (deterministic given the
 seed; this saves its cost twice).  The loss-only Co-teaching run (mix 0) of earlier
@@ -80,6 +83,7 @@ DETECTORS = [  # (key, label in the table)
     ("priority_r05", "(d) priority, rarity_weight 0.5 (previous default)"),
     ("priority_r1", "(d) priority, rarity_weight 1"),
     ("priority_global", "(d) default priority after the paper's global selection"),
+    ("priority_true_rates", "(d) default priority with the true per-label noise rates (oracle, not a method)"),
     ("cleanlab", "(e) cleanlab label quality (K-fold CV probs)"),
     ("priority_cv", "(e') project priority (default) on the K-fold CV probs"),
     ("prob_label_wrong_cv", "(e') prob_label_wrong on the K-fold CV probs"),
@@ -93,7 +97,9 @@ LNL_VARIANTS = [  # (key, label): the LNL clean sets compared
     ("global", "global (paper)"),
     ("class_balanced_one", "class_balanced, one rate"),
     ("class_balanced", "class_balanced, per-label rates (default)"),
+    ("class_balanced_true_rates", "class_balanced, true per-label rates (oracle)"),
 ]
+ORACLE = "class_balanced_true_rates"   # not a method: what the default would do with a perfect rate estimate
 
 
 def train_plain(x, y, num_classes, config, *, seed):
@@ -169,6 +175,8 @@ def run_case(*, seed: int, noise_rate: float, noise: str, imbalance: str, epochs
                                                     weights_only=True)["class_forget_rates"]]
         res_one = engine(replace(base, forget_rate=estimate), "class_balanced_one_rate")
         res_g = engine(replace(base, selection="global", forget_rate=estimate), "global")
+        res_true = engine(replace(base, class_forget_rates=true_label_noise(labels, truth, num_classes)),
+                          "true_rates")
     x, y = to_tensor(train.images), torch.from_numpy(labels)
     t0 = time.perf_counter()
     plain = train_plain(x, y, num_classes, base, seed=seed)
@@ -187,6 +195,7 @@ def run_case(*, seed: int, noise_rate: float, noise: str, imbalance: str, epochs
         "priority_r05": rank.relabel_priority(labels, res_c.pred_probs, rarity_weight=0.5),
         "priority_r1": rank.relabel_priority(labels, res_c.pred_probs, rarity_weight=1.0),
         "priority_global": res_g.priority,
+        "priority_true_rates": res_true.priority,
         "priority_cv": rank.relabel_priority(labels, cv_probs),
         "prob_label_wrong_cv": rank.relabel_priority(labels, cv_probs, rarity_weight=0.0),
     }
@@ -210,7 +219,8 @@ def run_case(*, seed: int, noise_rate: float, noise: str, imbalance: str, epochs
     out["class_forget_rates"] = class_rates
     out["lnl"] = {"global": lnl_figures(res_g, wrong, truth, num_classes),
                   "class_balanced_one": lnl_figures(res_one, wrong, truth, num_classes),
-                  "class_balanced": lnl_figures(res_c, wrong, truth, num_classes)}
+                  "class_balanced": lnl_figures(res_c, wrong, truth, num_classes),
+                  ORACLE: lnl_figures(res_true, wrong, truth, num_classes)}
     out["class_counts"] = np.bincount(truth, minlength=num_classes).tolist()
     given_by_class = np.zeros((num_classes, num_classes))
     np.add.at(given_by_class, (truth, labels), 1.0)
@@ -247,6 +257,12 @@ def vog_target_rows() -> list[list[str]]:
                          f"{cost} (VoG work {work}, epoch {epoch}; {commit})",
                          "met" if value < 10 else "missed", f"{value - 10:+.1f} points"])
     return rows
+
+
+def true_label_noise(labels, truth, num_classes: int) -> tuple[float, ...]:
+    """The share of wrong labels within each given label (0 for an absent label; below 1, as the engine needs)."""
+    return tuple(min(float(np.mean(truth[labels == c] != c)), 0.99) if (labels == c).any() else 0.0
+                 for c in range(num_classes))
 
 
 def _near_ties(run: dict) -> str:
@@ -373,7 +389,8 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
     seed_rows = [[s, str(seed), f"{r['auroc']['priority']:.3f}",
                   f"{r['auroc']['cleanlab']:.3f}" if "cleanlab" in r["auroc"] else "",
                   f"{r['lnl']['class_balanced']['min_maj']:.2f}", _near_ties(r),
-                  f"{r['auroc_without_near_ties']:.3f}"]
+                  f"{r['auroc_without_near_ties']:.3f}", f"{r['auroc']['priority_true_rates']:.3f}",
+                  f"{r['lnl'][ORACLE]['min_maj']:.2f}"]
                  for s in names for seed, r in zip(seeds, results[s])]
     lines += ["", "### Per seed (issue 9's bar: priority AUROC >= 0.98 and minority clean kept >= 0.9x on every seed)",
               "", f"Near ties: true classes whose images carry one and the same wrong label >= {NEAR_TIE_SHARE:.0%} "
@@ -381,7 +398,8 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
               "labels is right.  The last column leaves their images out.", "",
               markdown_table(["setting", "seed", "priority AUROC", "cleanlab AUROC",
                               "minority / majority clean kept (default)", "near ties",
-                              "priority AUROC without the near ties"], seed_rows)]
+                              "priority AUROC without the near ties", "priority AUROC, true per-label rates",
+                              "minority / majority kept, true per-label rates"], seed_rows)]
     lines += ["", "Mean wall time per run (s, shared 2-core CPU): "
               + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()) + "."]
     main_body = "\n".join(lines)
@@ -394,7 +412,7 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
         pr = mean(lambda r: r["to_80"]["priority"] / r["random_80"])
         rows = [["priority (default) finds 80% of wrong labels with <= 0.5x random's relabels",
                  f"{pr:.2f}x", "met" if pr <= 0.5 else "missed", f"{pr - 0.5:+.2f}x"]]
-        for v, label in LNL_VARIANTS[::-1]:
+        for v, label in [variant for variant in LNL_VARIANTS if variant[0] != ORACLE][::-1]:
             mm = mean(lambda r: r["lnl"][v]["min_maj"])
             p_ = mean(lambda r: r["lnl"][v]["precision"])
             rows.append([f"minority clean kept >= 0.8x majority: {label}", f"{mm:.2f} (precision {p_:.3f})",

@@ -40,6 +40,9 @@ class EngineConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     forget_rate: float | None = None    # None = estimated from the data (see estimate_forget_rate)
+    class_forget_rates: tuple[float, ...] | None = None  # the share of wrong labels within each given label, when
+                                        # known (an audit): the class-balanced selection uses them instead of the
+                                        # estimate; None = estimated
     max_forget_rate: float = 0.8        # cap on the estimate: Co-teaching must keep something to learn from
     estimate_logit_adjustment: float = 0.0  # tau > 0: the estimate's folds train on logits + tau * log(label share)
                                         # so that a rare class is learned, not called wrong; keeps more of the rare
@@ -75,6 +78,8 @@ class EngineConfig:
     mc_dropout_passes: int = 0          # > 0: also compute MC-dropout probabilities (for BALD)
 
     def __post_init__(self):
+        if self.class_forget_rates is not None:   # from_dict (a checkpoint, JSON) gives a list
+            object.__setattr__(self, "class_forget_rates", tuple(float(r) for r in self.class_forget_rates))
         checks = [
             (self.arch in ("auto", *ARCHS, EMBEDDING_HEAD), f"arch must be one of {('auto', *ARCHS)}"),
             (not self.frozen_backbone or self.arch in ("auto", *RESNETS),
@@ -92,6 +97,9 @@ class EngineConfig:
             (self.image_size >= 8, "image_size must be >= 8"),
             (self.resize in RESIZE_MODES, f"resize must be one of {RESIZE_MODES}"),
             (self.forget_rate is None or 0.0 <= self.forget_rate < 1.0, "forget_rate must be in [0, 1)"),
+            (self.class_forget_rates is None or (len(self.class_forget_rates) >= 2 and
+                                                 all(0.0 <= r < 1.0 for r in self.class_forget_rates)),
+             "class_forget_rates must be None or one rate in [0, 1) per class"),
             (0.0 <= self.max_forget_rate < 1.0, "max_forget_rate must be in [0, 1)"),
             (0.0 <= self.mix_ratio <= 1.0, "mix_ratio must be in [0, 1]"),
             (self.tk >= 1, "tk must be >= 1"),

@@ -498,6 +498,21 @@ def estimate_forget_rate(images: ImageSource, labels: torch.Tensor, trusted: tor
     return capped, class_capped
 
 
+def given_forget_rates(labels: torch.Tensor, trusted: torch.Tensor, num_classes: int,
+                       config: EngineConfig) -> list[float]:
+    """[overall, *per label] from ``config.class_forget_rates``; the overall rate is ``forget_rate`` or
+    else the per-label rates weighted by the untrusted samples of each label."""
+    per_class = list(config.class_forget_rates)
+    if len(per_class) != num_classes:
+        raise ValueError(f"class_forget_rates has {len(per_class)} rates for {num_classes} classes")
+    counts = np.bincount(labels[~trusted].numpy(), minlength=num_classes)
+    overall = config.forget_rate if config.forget_rate is not None else \
+        float(np.dot(counts, per_class) / max(counts.sum(), 1))
+    logger.info("Forget rate %.3f, within each label %s (given: class_forget_rates)", overall,
+                [round(r, 2) for r in per_class])
+    return [overall, *per_class]
+
+
 def _train_plain_epoch(nets, optimizers, images: ImageSource, labels, *, config, device, generator,
                        ctx: DistContext = DistContext(), logit_adjustment: torch.Tensor | None = None):
     """One epoch of plain cross-entropy for each network (noise-rate folds, Phase 2 fine-tuning).
@@ -581,7 +596,9 @@ def train_coteaching(images: ImageSource, labels: torch.Tensor, *, num_classes: 
         restore_global_rng_state(state.rng_state)
         logger.info("Resuming Phase 1 from %s at epoch %d/%d", checkpoint_path, state.epoch, config.epochs)
     else:
-        if config.forget_rate is not None:
+        if config.class_forget_rates is not None:
+            rates = given_forget_rates(labels, trusted, num_classes, config)
+        elif config.forget_rate is not None:
             rates = [config.forget_rate] * (num_classes + 1)
         else:
             rates = [0.0] * (num_classes + 1)

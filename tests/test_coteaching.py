@@ -120,6 +120,29 @@ def test_forget_rate_is_estimated_when_not_given(tmp_path):
     assert 0.1 < result.forget_rate < 0.6
 
 
+def test_known_per_label_rates_replace_the_estimate_and_survive_the_checkpoint(tmp_path, caplog):
+    images, labels = _toy_data(150)
+    noisy = labels.copy()
+    noisy[:45] = (labels[:45] + 1) % 3
+    config = EngineConfig(**FAST, class_forget_rates=(0.1, 0.5, 0.0))
+    with caplog.at_level("INFO", logger="model.coteaching"):
+        result = train_and_score(images, noisy, class_names=["a", "b", "c"], checkpoint_path=tmp_path / "c.pt",
+                                 config=config, progress_bar=False)
+    assert not any("Estimated noise rate" in r.getMessage() for r in caplog.records), "the folds must not run"
+    counts = np.bincount(noisy, minlength=3)
+    assert result.forget_rate == pytest.approx(float(np.dot(counts, [0.1, 0.5, 0.0]) / counts.sum()))
+    state, saved = load_checkpoint(tmp_path / "c.pt")
+    assert state.class_forget_rates == pytest.approx([0.1, 0.5, 0.0])
+    assert EngineConfig.from_dict(saved["config"]) == config        # a list in JSON comes back as the tuple
+    assert EngineConfig.from_dict({**config.to_dict(), "class_forget_rates": [0.1, 0.5, 0.0]}) == config
+    with pytest.raises(ValueError, match="2 rates for 3 classes"):
+        train_and_score(images, noisy, class_names=["a", "b", "c"], checkpoint_path=tmp_path / "d.pt",
+                        config=EngineConfig(**FAST, class_forget_rates=(0.1, 0.2)), progress_bar=False)
+    for bad in ((0.1, 1.0), (0.5,), (-0.1, 0.2)):
+        with pytest.raises(ValueError, match="class_forget_rates"):
+            EngineConfig(class_forget_rates=bad)
+
+
 def test_bad_input_gets_clear_errors(tmp_path):
     images, labels = _toy_data(20)
     kwargs = dict(checkpoint_path=tmp_path / "x.pt", config=EngineConfig(**FAST), progress_bar=False)
