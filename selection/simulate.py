@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", choices=(*SAMPLERS, "all"), default="priority")
     parser.add_argument("--finetune-epochs", type=int, default=EngineConfig.finetune_epochs)
     parser.add_argument("--forget-rate", type=float, default=None, help="default: estimated from the data")
+    parser.add_argument("--class-forget-rates", type=float, nargs="+", default=None, metavar="RATE",
+                        help="the share of wrong labels within each given label, one per class in class order, when "
+                             "an audit measured it (default: estimated from the data)")
     parser.add_argument("--estimate-logit-adjustment", type=float, default=EngineConfig.estimate_logit_adjustment,
                         help="tau of the forget-rate estimate's logit-adjusted folds (0 = plain cross-entropy)")
     parser.add_argument("--selection", choices=SELECTION_MODES, default=EngineConfig.selection)
@@ -282,6 +285,7 @@ def run(args) -> dict:
     if args.rounds > 0 and train.labels_true is None:
         raise ValueError("relabelling rounds need the oracle's labels (labels_true in the .npz)")
     config = EngineConfig(epochs=args.epochs, finetune_epochs=args.finetune_epochs, forget_rate=args.forget_rate,
+                          class_forget_rates=None if args.class_forget_rates is None else tuple(args.class_forget_rates),
                           estimate_logit_adjustment=args.estimate_logit_adjustment,
                           selection=args.selection, vog_method=args.vog_method, vog_source=args.vog_source,
                           mix_ratio=args.mix_ratio, elr_weight=args.elr_weight,

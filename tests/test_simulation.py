@@ -59,6 +59,8 @@ def test_npz_interface_and_bad_input(tmp_path):
     assert simulate.main(["--npz", str(case), "--out", str(out), "--epochs", "6", "--quiet", "--no-plots"]) == 0
     with np.load(out / "scores.npz") as scores:
         assert scores["vog"].shape == (120,)
+    two_rates = ["--npz", str(case), "--out", str(tmp_path / "r"), "--quiet", "--class-forget-rates", "0.2", "0.2"]
+    assert simulate.main(two_rates) == 2                    # 3 classes: a clear error, no training
     bad = tmp_path / "bad.npz"
     np.savez(bad, images=images, labels_noisy=np.full(120, -3))
     assert simulate.main(["--npz", str(bad), "--out", str(tmp_path / "bad"), "--quiet"]) == 2
