@@ -159,6 +159,8 @@ def run_case(*, seed: int, noise_rate: float, noise: str, imbalance: str, epochs
     labels, truth = train.labels, train.labels_true
     wrong = labels != truth
     num_classes = len(train.class_names)
+    noise_within_label = [float(np.mean(wrong[labels == c])) if (labels == c).any() else float("nan")
+                          for c in range(num_classes)]
     base = EngineConfig(epochs=epochs, image_size=max(int(train.images.shape[1]), 8), seed=seed, device="cpu")
     out = {"true_noise": float(wrong.mean()), "n": len(labels)}
     timings = {}
@@ -175,8 +177,7 @@ def run_case(*, seed: int, noise_rate: float, noise: str, imbalance: str, epochs
                                                     weights_only=True)["class_forget_rates"]]
         res_one = engine(replace(base, forget_rate=estimate), "class_balanced_one_rate")
         res_g = engine(replace(base, selection="global", forget_rate=estimate), "global")
-        res_true = engine(replace(base, class_forget_rates=true_label_noise(labels, truth, num_classes)),
-                          "true_rates")
+        res_true = engine(replace(base, class_forget_rates=as_forget_rates(noise_within_label)), "true_rates")
     x, y = to_tensor(train.images), torch.from_numpy(labels)
     t0 = time.perf_counter()
     plain = train_plain(x, y, num_classes, base, seed=seed)
@@ -230,8 +231,7 @@ def run_case(*, seed: int, noise_rate: float, noise: str, imbalance: str, epochs
     near_tie = np.isin(truth, np.flatnonzero(np.asarray(out["top_wrong_share_per_class"]) >= NEAR_TIE_SHARE))
     out["auroc_without_near_ties"] = (metrics.auroc(res_c.priority[~near_tie], wrong[~near_tie])
                                       if near_tie.any() else out["auroc"]["priority"])
-    out["noise_within_label"] = [float(np.mean(truth[labels == c] != c)) if (labels == c).any() else float("nan")
-                                 for c in range(num_classes)]
+    out["noise_within_label"] = noise_within_label
     out["timings"] = timings
     return out
 
@@ -259,10 +259,10 @@ def vog_target_rows() -> list[list[str]]:
     return rows
 
 
-def true_label_noise(labels, truth, num_classes: int) -> tuple[float, ...]:
-    """The share of wrong labels within each given label (0 for an absent label; below 1, as the engine needs)."""
-    return tuple(min(float(np.mean(truth[labels == c] != c)), 0.99) if (labels == c).any() else 0.0
-                 for c in range(num_classes))
+def as_forget_rates(noise_within_label: list[float]) -> tuple[float, ...]:
+    """The true noise within each given label as EngineConfig.class_forget_rates (0 for an absent label, and
+    below 1, as the engine needs)."""
+    return tuple(0.0 if np.isnan(rate) else min(rate, 0.99) for rate in noise_within_label)
 
 
 def _near_ties(run: dict) -> str:
