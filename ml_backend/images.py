@@ -36,7 +36,7 @@ import numpy as np
 
 from model.files import atomic_write
 
-from .ls_client import LabelStudioClient, LabelStudioError
+from .ls_client import LabelStudioClient, LabelStudioError, retry_transient
 
 logger = logging.getLogger(__name__)
 
@@ -127,16 +127,14 @@ class ImageCache:
         return path
 
     def _download(self, url: str) -> bytes:
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return self.client.download(url, max_bytes=self.max_bytes)
-            except LabelStudioError as exc:
-                if not exc.transient:
-                    raise ImageError(f"cannot download image: {exc}") from None
-                if attempt == self.attempts:
-                    raise ImageHostError(f"cannot download image: {exc} "
-                                         f"({self.attempts} attempt{'s' if self.attempts > 1 else ''})") from None
-                time.sleep(self.retry_wait * 2 ** (attempt - 1))
+        try:
+            return retry_transient(lambda: self.client.download(url, max_bytes=self.max_bytes),
+                                   attempts=self.attempts, first_wait=self.retry_wait)
+        except LabelStudioError as exc:
+            if not exc.transient:
+                raise ImageError(f"cannot download image: {exc}") from None
+            raise ImageHostError(f"cannot download image: {exc} "
+                                 f"({self.attempts} attempt{'s' if self.attempts > 1 else ''})") from None
 
     def release(self, path: Path) -> None:
         """``path`` is no longer needed by this job (a broken download, say)."""

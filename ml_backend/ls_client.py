@@ -19,7 +19,7 @@ import logging
 import re
 import socket
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 from urllib.parse import urljoin, urlparse
 
 import requests
@@ -43,6 +43,24 @@ class LabelStudioError(RuntimeError):
     def transient(self) -> bool:
         """No answer, or an answer that says "not now" (429 or 5xx), rather than one about the request."""
         return self.unreachable or self.status == 429 or (self.status or 0) >= 500
+
+
+T = TypeVar("T")
+
+
+def retry_transient(call: Callable[[], T], *, attempts: int, first_wait: float) -> T:
+    """``call()``, asked again while it fails with a transient :class:`LabelStudioError` (no answer,
+    429 or 5xx): at most ``attempts`` tries, waiting ``first_wait`` seconds, then twice that, ... in
+    between.  Any other error, or the last attempt's, is raised as it came."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except LabelStudioError as exc:
+            if not exc.transient or attempt == attempts:
+                raise
+            time.sleep(first_wait * 2 ** (attempt - 1))
 
 
 class LabelStudioAuthError(LabelStudioError):
@@ -188,21 +206,15 @@ class LabelStudioClient:
                            batch_size: int = 500) -> int:
         """Create predictions in bulk (POST /api/projects/{id}/import/predictions), batched.
 
-        Each batch is tried 3 times, with backoff, while the error is transient (no answer, 429 or 5xx).
-        Returns the number created.
+        Each batch is tried 3 times, 1 s and 2 s apart, while the error is transient (no answer, 429 or
+        5xx: :func:`retry_transient`).  Returns the number created.
         """
         created = 0
         for start in range(0, len(predictions), batch_size):
             batch = predictions[start:start + batch_size]
-            for attempt in range(3):
-                try:
-                    body = self.request("POST", f"/api/projects/{int(project_id)}/import/predictions",
-                                        json=batch, timeout=max(self.timeout, 120))
-                    break
-                except LabelStudioError as exc:
-                    if not exc.transient or attempt == 2:
-                        raise
-                    time.sleep(1.0 * (attempt + 1))
+            body = retry_transient(lambda: self.request("POST", f"/api/projects/{int(project_id)}/import/predictions",
+                                                        json=batch, timeout=max(self.timeout, 120)),
+                                   attempts=3, first_wait=1.0)
             created += int((body or {}).get("created", len(batch)))
         return created
 
