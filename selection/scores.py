@@ -102,6 +102,42 @@ def calibrated_pred_probs(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndar
     return _calibrate(labels, pred_probs)
 
 
+def prior_matched_pred_probs(labels: np.ndarray, pred_probs: np.ndarray, *, max_iter: int = 1000,
+                             tol: float = 1e-3) -> np.ndarray:
+    """pred_probs re-weighted per class until each class's total probability equals its number of given
+    labels: (N, K).
+
+    p_ik is multiplied by a weight w_k and each row renormalised; the weights are
+    found by the fixed-point iteration of prior-shift adjustment (Saerens et al.
+    2002) with the given labels' share as the target prior, stopping when every
+    class's total is within ``tol * N`` of its label count (or after
+    ``max_iter`` rounds).  A label nobody gave gets weight 0.
+
+    Why: a classifier trained out of fold on imbalanced noisy labels under-
+    predicts the rare classes (it cannot learn a class of a handful of images
+    from four fifths of them), so reading its argmax as the true class calls the
+    rare labels' clean samples wrong.  Matching its class totals to the label
+    counts moves only the samples the model is unsure about, and a confident
+    prediction stays where it was.
+    """
+    labels, pred_probs = check_labels_and_probs(labels, pred_probs)
+    if max_iter < 0 or not tol > 0:
+        raise ValueError(f"max_iter must be >= 0 and tol > 0, got {max_iter} and {tol}")
+    num_classes = pred_probs.shape[1]
+    target = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    probs = np.clip(pred_probs, _EPS, None)
+    weights = (target > 0).astype(np.float64)
+    matched = pred_probs
+    for _ in range(max_iter):
+        matched = probs * weights
+        matched /= matched.sum(axis=1, keepdims=True)
+        totals = matched.sum(axis=0)
+        if np.abs(totals - target).max() <= tol * max(len(labels), 1):
+            break
+        weights *= np.divide(target, totals, out=np.zeros_like(target), where=totals > 0)
+    return matched
+
+
 def prob_label_wrong(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:
     """Probability that the given label is wrong, 1 - calibrated p[y]: (N,) in [0, 1]."""
     labels, pred_probs = check_labels_and_probs(labels, pred_probs)

@@ -47,6 +47,33 @@ def test_calibration_is_not_fooled_by_a_rare_label_full_of_wrong_labels():
     assert scores.self_confidence(clean, timid) == pytest.approx(scores.class_thresholds(clean, timid))
 
 
+def test_prior_matching_gives_a_timid_rare_class_its_samples_back_and_keeps_confident_calls():
+    # class 1 is rare (10 of 100) and the out-of-fold model is timid about it: p(1) = 0.4 on its clean samples,
+    # so the argmax calls all ten wrong.  Two common-class samples carry label 1 and the model is sure they are 0.
+    labels = np.array([0] * 88 + [1] * 2 + [1] * 10)
+    probs = np.array([[0.97, 0.03]] * 90 + [[0.6, 0.4]] * 10)
+    matched = scores.prior_matched_pred_probs(labels, probs)
+    np.testing.assert_allclose(matched.sum(axis=0), np.bincount(labels), atol=1e-3 * len(labels))
+    np.testing.assert_allclose(matched.sum(axis=1), 1.0)
+    assert (probs.argmax(axis=1)[90:] == 0).all() and (matched.argmax(axis=1)[90:] == 1).all()
+    assert (matched.argmax(axis=1)[:90] == 0).all()      # the confident calls, the two wrong labels among them
+    assert scores.estimate_noise_rate(labels, probs) == pytest.approx(0.12)
+    assert scores.estimate_noise_rate(labels, matched) == pytest.approx(0.02)
+
+
+def test_prior_matching_leaves_matched_probabilities_alone_and_drops_a_label_nobody_gave():
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1]])
+    matched = scores.prior_matched_pred_probs(labels, probs)
+    assert (matched[:, 2] < 1e-6).all()
+    np.testing.assert_allclose(matched.sum(axis=0), [2, 2, 0], atol=4e-3)
+    np.testing.assert_array_equal(matched.argmax(axis=1), labels)
+    with pytest.raises(ValueError, match="max_iter"):
+        scores.prior_matched_pred_probs(labels, probs, tol=0)
+    with pytest.raises(ValueError, match="rows"):
+        scores.prior_matched_pred_probs(labels[:3], probs)
+
+
 def test_noise_rate_estimate_is_exact_for_perfect_out_of_sample_probabilities():
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 4, 400)
