@@ -25,6 +25,24 @@ def _optional_float(value: str) -> float | None:
     return None if value.strip().lower() in ("", "none", "auto") else float(value)
 
 
+def _label_rates(value: str) -> tuple[tuple[str, float], ...]:
+    """"Benign=0.1, Malignant=0.35" -> (("Benign", 0.1), ("Malignant", 0.35)); each rate in [0, 1)."""
+    rates: dict[str, float] = {}
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        name, sep, rate = item.rpartition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"{item!r} is not <label>=<rate>")
+        if name in rates:
+            raise ValueError(f"label {name!r} is given twice")
+        rates[name] = float(rate)
+        if not 0.0 <= rates[name] < 1.0:
+            raise ValueError(f"the rate of {name!r} must lie in [0, 1), got {rates[name]}")
+    return tuple(rates.items())
+
+
 @dataclass(frozen=True)
 class Settings:
     """All settings of the backend and its training jobs (see README.md for the table)."""
@@ -80,6 +98,8 @@ class Settings:
     finetune_epochs: int = 10
     batch_size: int = 128
     forget_rate: float | None = None
+    class_forget_rates: tuple[tuple[str, float], ...] = ()  # ALR_CLASS_FORGET_RATES: (label, share of wrong
+                                          # labels) from an audit, for every label; () = estimated
     seed: int = 0
 
     @classmethod
@@ -146,6 +166,24 @@ class Settings:
                                  f"{self.arch!r} at ALR_IMAGE_SIZE={self.image_size} is the small CNN)")
         if self.relabel_budget < 0:
             raise ValueError(f"ALR_RELABEL_BUDGET must be >= 0, got {self.relabel_budget!r}")
+
+    def class_forget_rates_for(self, class_names) -> tuple[float, ...] | None:
+        """ALR_CLASS_FORGET_RATES in the order of a project's labels (None when unset).
+
+        Raises
+        ------
+        ValueError
+            The setting misses one of the project's labels or names a label the project does not have.
+        """
+        if not self.class_forget_rates:
+            return None
+        rates = dict(self.class_forget_rates)
+        missing = [name for name in class_names if name not in rates]
+        unknown = [name for name in rates if name not in class_names]
+        if missing or unknown:
+            raise ValueError(f"ALR_CLASS_FORGET_RATES must give a rate for every label of the project and no other: "
+                             f"missing {missing}, not a label of the project {unknown} (labels: {list(class_names)})")
+        return tuple(rates[name] for name in class_names)
 
     @property
     def auth_enabled(self) -> bool:
@@ -222,5 +260,6 @@ _ENV = {
     "finetune_epochs": ("ALR_FINETUNE_EPOCHS", int),
     "batch_size": ("ALR_BATCH_SIZE", int),
     "forget_rate": ("ALR_FORGET_RATE", _optional_float),
+    "class_forget_rates": ("ALR_CLASS_FORGET_RATES", _label_rates),
     "seed": ("ALR_SEED", int),
 }

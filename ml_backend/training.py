@@ -58,8 +58,10 @@ def config_fingerprint(info: LabelConfigInfo) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def engine_config(engine, settings: Settings, *, streaming: bool = False):
-    """The EngineConfig of a job; DataLoader workers only matter (and are only set) when streaming."""
+def engine_config(engine, settings: Settings, *, class_forget_rates: tuple[float, ...] | None = None,
+                  streaming: bool = False):
+    """The EngineConfig of a job; DataLoader workers only matter (and are only set) when streaming.
+    ``class_forget_rates``: Settings.class_forget_rates_for(the project's labels)."""
     extra = {"num_workers": settings.dataloader_workers} if streaming else {}
     return engine.EngineConfig(arch=settings.arch, image_size=settings.image_size, resize=settings.resize,
                                pretrained_weights=settings.pretrained_weights or None,
@@ -67,7 +69,7 @@ def engine_config(engine, settings: Settings, *, streaming: bool = False):
                                embedding_cache_dir=settings.embedding_cache_dir if settings.frozen_backbone else None,
                                epochs=settings.epochs, finetune_epochs=settings.finetune_epochs,
                                batch_size=settings.batch_size, forget_rate=settings.forget_rate,
-                               seed=settings.seed, **extra)
+                               class_forget_rates=class_forget_rates, seed=settings.seed, **extra)
 
 
 class TrainingProcessError(RuntimeError):
@@ -291,6 +293,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     project = client.get_project(p)
     annotations_before = annotation_state(client, p, project)      # read before the tasks: see reconcile.py
     info = parse_label_config(project.get("label_config"))
+    class_forget_rates = settings.class_forget_rates_for(info.class_names)   # a wrong list fails before any work
     tasks = list(client.iter_tasks(p))
     experts = expert_ids(client, settings)
     labels = extract_labels(tasks, info, label_source=settings.label_source, label_field=settings.label_field,
@@ -364,7 +367,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         trusted_mask = np.array([ok_labels[j].is_trusted for j in train_pos], dtype=bool)
         stage = f"train (phase {phase})"
         progress(stage, 0.0)
-        config = engine_config(engine, settings, streaming=streaming)
+        config = engine_config(engine, settings, class_forget_rates=class_forget_rates, streaming=streaming)
         processes = settings.training_processes
         if processes > 1:
             result = train_with_torchrun(
@@ -406,6 +409,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
                 "trusted_task_ids": [int(ok_tasks[j]["id"]) for j in train_pos if ok_labels[j].is_trusted],
                 "settings": {k: getattr(settings, k) for k in ("arch", "frozen_backbone", "image_size", "channels", "epochs",
                                                                "finetune_epochs", "batch_size", "seed",
+                                                               "class_forget_rates",
                                                                "label_source", "label_field",
                                                                "gpus_per_job", "train_processes",
                                                                "stream_above_tasks", "dataloader_workers")},

@@ -127,6 +127,25 @@ def test_relabel_budget_stops_retraining(fake_ls, monkeypatch):
     assert run_training_job(1, settings=Settings.from_env())["status"] == "budget_spent"
 
 
+def test_per_label_forget_rates_from_an_audit_reach_the_engine_and_a_wrong_list_fails_before_any_work(
+        fake_ls, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("ALR_CLASS_FORGET_RATES", "2=0.3, 0=0.1, 1 = 0.2")       # any order, by label name
+    version = run_training_job(1, settings=Settings.from_env())["model_version"]
+    store = ProjectStore(Settings.from_env().model_dir, 1)
+    checkpoint = torch.load(store.version_dir(version) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["class_forget_rates"] == pytest.approx([0.1, 0.2, 0.3])
+    assert store.load_meta(version)["settings"]["class_forget_rates"] == [["2", 0.3], ["0", 0.1], ["1", 0.2]]
+
+    monkeypatch.setenv("ALR_CLASS_FORGET_RATES", "0=0.1, 1=0.2, 7=0.3")
+    downloads = fake_ls.image_requests
+    with pytest.raises(ValueError, match=r"missing \['2'\], not a label of the project \['7'\]"):
+        run_training_job(1, settings=Settings.from_env())
+    assert fake_ls.image_requests == downloads                  # failed before fetching any image
+    assert store.current_version() == version and store.list_versions() == [version]
+
+
 def test_failed_training_leaves_no_half_written_version(fake_ls, monkeypatch):
     import model.engine
 

@@ -32,6 +32,19 @@ def test_settings_bad_values_name_the_variable():
         Settings.from_env({"ALR_LABEL_SOURCE": "both"})
 
 
+def test_per_label_forget_rates_are_read_by_label_name_and_checked_against_the_project():
+    s = Settings.from_env({"ALR_CLASS_FORGET_RATES": " Benign=0.05, Malignant = 0.4,"})
+    assert s.class_forget_rates == (("Benign", 0.05), ("Malignant", 0.4))
+    assert s.class_forget_rates_for(["Malignant", "Benign"]) == (0.4, 0.05)
+    assert Settings.from_env({}).class_forget_rates_for(["a", "b"]) is None
+    with pytest.raises(ValueError, match=r"missing \['Cyst'\]"):
+        s.class_forget_rates_for(["Benign", "Malignant", "Cyst"])
+    for bad, why in (("Benign=1.0", r"\[0, 1\)"), ("Benign", "not <label>=<rate>"), ("Benign=0.1,Benign=0.2", "twice"),
+                     ("Benign=lots", "could not convert")):
+        with pytest.raises(ValueError, match="ALR_CLASS_FORGET_RATES.*" + why):
+            Settings.from_env({"ALR_CLASS_FORGET_RATES": bad})
+
+
 def test_settings_repr_hides_key():
     assert "secret" not in repr(Settings(label_studio_api_key="secret"))
 
