@@ -130,6 +130,10 @@ class ProjectStore:
         except FileNotFoundError:
             return {}
 
+    def update_meta(self, version: str, **changes) -> None:
+        """Rewrite some fields of a published version's meta.json (atomically)."""
+        atomic_write_json(self.version_dir(version) / "meta.json", {**self.load_meta(version), **changes})
+
     def load(self, version: str) -> VersionResults:
         d = self.version_dir(version)
         with open(d / "results.json", encoding="utf-8") as fh:

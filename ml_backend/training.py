@@ -52,6 +52,26 @@ def load_engine():
     return importlib.import_module("model.engine")
 
 
+#: the settings a version records in its meta; a change in one of them makes the next job retrain
+TRAINING_SETTINGS = ("arch", "pretrained_weights", "frozen_backbone", "image_size", "resize", "channels", "epochs",
+                     "finetune_epochs", "batch_size", "forget_rate", "class_forget_rates", "seed", "label_source",
+                     "label_field", "preselect", "gpus_per_job", "train_processes", "stream_above_tasks",
+                     "dataloader_workers")
+#: reasons that train even when nothing a training reads has changed (a person asked for it)
+FORCED_REASONS = frozenset({"TRAIN", "START_TRAINING"})
+
+
+def training_inputs(tasks: list[dict], labels: list, info: LabelConfigInfo, settings: Settings) -> str:
+    """A digest of everything a training reads: each task's id, image reference, given and trusted
+    label and team agreement, the labelling config and TRAINING_SETTINGS.  Two jobs with the same
+    digest would train on the same inputs."""
+    rows = [[int(task["id"]), str(task.get("data", {}).get(info.image_field)), tl.noisy, tl.trusted, tl.agreement]
+            for task, tl in zip(tasks, labels)]
+    used = {name: getattr(settings, name) for name in TRAINING_SETTINGS}
+    raw = json.dumps([sorted(rows), config_fingerprint(info), used], default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
 def config_fingerprint(info: LabelConfigInfo) -> str:
     """What must not change between a checkpoint and the project for fine-tuning to apply."""
     raw = json.dumps([info.from_name, info.to_name, info.image_field, list(info.class_names)])
@@ -309,6 +329,14 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
                        "not retraining; version %s stays current", p, prev_meta.get("n_trusted", 0),
                        settings.relabel_budget, previous)
         return {"status": "budget_spent", "project": p, "model_version": previous}
+    inputs = training_inputs(tasks, labels, info, settings)
+    forced = FORCED_REASONS.intersection(reason.split(","))
+    if previous and prev_meta.get("training_inputs") == inputs and not forced:
+        store.update_meta(previous, annotation_state=annotations_before)    # reconciliation: seen, nothing to do
+        progress("done", 1.0)
+        logger.info("project %d: no label, task, labelling config or setting changed since version %s (reason: "
+                    "%s): not retraining. A TRAIN request retrains anyway.", p, previous, reason or "-")
+        return {"status": "unchanged", "project": p, "model_version": previous}
 
     progress("download", 0.0)
     logger.info("project %d: images made %d x %d px by %s, %s (ALR_IMAGE_SIZE, ALR_RESIZE, ALR_CHANNELS); "
@@ -407,12 +435,8 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
                 "trained_task_labels": {str(int(ok_tasks[j]["id"])): int(ok_labels[j].label)
                                         for j in train_pos},
                 "trusted_task_ids": [int(ok_tasks[j]["id"]) for j in train_pos if ok_labels[j].is_trusted],
-                "settings": {k: getattr(settings, k) for k in ("arch", "frozen_backbone", "image_size", "channels", "epochs",
-                                                               "finetune_epochs", "batch_size", "seed",
-                                                               "class_forget_rates",
-                                                               "label_source", "label_field",
-                                                               "gpus_per_job", "train_processes",
-                                                               "stream_above_tasks", "dataloader_workers")},
+                "settings": {name: getattr(settings, name) for name in TRAINING_SETTINGS},
+                "training_inputs": inputs,
                 "train_seconds": round(time.monotonic() - t0, 2)}
         atomic_write_json(tmp / "meta.json", meta)
         store.commit(version, tmp, make_current=False)     # served only once Label Studio has it all

@@ -114,8 +114,34 @@ def test_relabel_makes_task_trusted_and_phase_2(fake_ls):
 def test_keep_prediction_versions_zero_keeps_all(fake_ls):
     settings = Settings.from_env().replace(keep_prediction_versions=0)
     first = run_training_job(1, settings=settings)["model_version"]
+    fake_ls.annotate(200, "2")
     second = run_training_job(1, settings=settings)["model_version"]
-    assert {p["model_version"] for p in fake_ls.predictions} == {first, second}
+    assert first != second and {p["model_version"] for p in fake_ls.predictions} == {first, second}
+
+
+def test_a_job_with_nothing_to_learn_keeps_the_version_and_a_train_request_retrains(fake_ls):
+    """A skipped task moves Label Studio's counts (reconciliation queues a job) but no label: the job
+    downloads nothing, trains nothing, pushes nothing, and marks the state as seen."""
+    from ml_backend.ls_client import LabelStudioClient
+    from ml_backend.reconcile import stale_projects
+
+    settings = Settings.from_env()
+    store = ProjectStore(settings.model_dir, 1)
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    version = run_training_job(1, settings=settings)["model_version"]
+    fake_ls.annotate(101, "", cancelled=True)
+    assert stale_projects(client, settings) == [1]
+    pushed, downloads = len(fake_ls.predictions), fake_ls.image_requests
+    assert run_training_job(1, settings=settings, reason="RECONCILE") == {
+        "status": "unchanged", "project": 1, "model_version": version}
+    assert (len(fake_ls.predictions), fake_ls.image_requests) == (pushed, downloads)
+    assert store.list_versions() == [version] and stale_projects(client, settings) == []
+
+    assert run_training_job(1, settings=settings, reason="ANNOTATION_UPDATED,TRAIN")["model_version"] != version
+    changed = settings.replace(epochs=settings.epochs + 1)        # a setting a training reads
+    assert run_training_job(1, settings=changed, reason="RECONCILE")["status"] == "trained"
+    fake_ls.tasks[100]["data"]["label"] = "2"                      # a given label changed in the task data
+    assert run_training_job(1, settings=changed, reason="RECONCILE")["status"] == "trained"
 
 
 def test_relabel_budget_stops_retraining(fake_ls, monkeypatch):

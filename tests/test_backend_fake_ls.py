@@ -147,7 +147,13 @@ class FakeLabelStudio:
                 return jsonify({"detail": "Not found."}), 404
             if request.method == "PATCH":
                 fake.projects[pid].update(request.get_json())
-            return jsonify(fake.projects[pid])
+            annotations = [a for t in fake.tasks.values() if t["project"] == pid for a in t["annotations"]]
+            counts = {  # as the real one reports them (reconciliation compares these)
+                "total_annotations_number": sum(not a["was_cancelled"] for a in annotations),
+                "skipped_annotations_number": sum(a["was_cancelled"] for a in annotations),
+                "num_tasks_with_annotations": sum(any(not a["was_cancelled"] for a in t["annotations"])
+                                                  for t in fake.tasks.values() if t["project"] == pid)}
+            return jsonify({**fake.projects[pid], **counts})
 
         @app.route("/api/projects/<int:pid>/summary/")
         def summary(pid):         # the real one counts every annotation's labels, updated on each edit
