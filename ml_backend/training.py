@@ -52,22 +52,23 @@ def load_engine():
     return importlib.import_module("model.engine")
 
 
-#: the settings a version records in its meta; a change in one of them makes the next job retrain
-TRAINING_SETTINGS = ("arch", "pretrained_weights", "frozen_backbone", "image_size", "resize", "channels", "epochs",
-                     "finetune_epochs", "batch_size", "forget_rate", "class_forget_rates", "seed", "label_source",
-                     "label_field", "preselect", "gpus_per_job", "train_processes", "stream_above_tasks",
-                     "dataloader_workers")
+#: the settings that shape a version's model or predictions: a change in one makes the next job retrain
+MODEL_SETTINGS = ("arch", "pretrained_weights", "frozen_backbone", "image_size", "resize", "channels", "epochs",
+                  "finetune_epochs", "batch_size", "forget_rate", "class_forget_rates", "seed", "label_source",
+                  "label_field", "preselect")
+#: how a job ran, recorded in meta.json beside MODEL_SETTINGS but no reason to retrain
+RESOURCE_SETTINGS = ("gpus_per_job", "train_processes", "stream_above_tasks", "dataloader_workers")
 #: reasons that train even when nothing a training reads has changed (a person asked for it)
 FORCED_REASONS = frozenset({"TRAIN", "START_TRAINING"})
 
 
 def training_inputs(tasks: list[dict], labels: list, info: LabelConfigInfo, settings: Settings) -> str:
     """A digest of everything a training reads: each task's id, image reference, given and trusted
-    label and team agreement, the labelling config and TRAINING_SETTINGS.  Two jobs with the same
+    label and team agreement, the labelling config and MODEL_SETTINGS.  Two jobs with the same
     digest would train on the same inputs."""
     rows = [[int(task["id"]), str(task.get("data", {}).get(info.image_field)), tl.noisy, tl.trusted, tl.agreement]
             for task, tl in zip(tasks, labels)]
-    used = {name: getattr(settings, name) for name in TRAINING_SETTINGS}
+    used = {name: getattr(settings, name) for name in MODEL_SETTINGS}
     raw = json.dumps([sorted(rows), config_fingerprint(info), used], default=str)
     return hashlib.sha256(raw.encode()).hexdigest()
 
@@ -435,7 +436,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
                 "trained_task_labels": {str(int(ok_tasks[j]["id"])): int(ok_labels[j].label)
                                         for j in train_pos},
                 "trusted_task_ids": [int(ok_tasks[j]["id"]) for j in train_pos if ok_labels[j].is_trusted],
-                "settings": {name: getattr(settings, name) for name in TRAINING_SETTINGS},
+                "settings": {name: getattr(settings, name) for name in MODEL_SETTINGS + RESOURCE_SETTINGS},
                 "training_inputs": inputs,
                 "train_seconds": round(time.monotonic() - t0, 2)}
         atomic_write_json(tmp / "meta.json", meta)

@@ -138,7 +138,9 @@ def test_a_job_with_nothing_to_learn_keeps_the_version_and_a_train_request_retra
     assert store.list_versions() == [version] and stale_projects(client, settings) == []
 
     assert run_training_job(1, settings=settings, reason="ANNOTATION_UPDATED,TRAIN")["model_version"] != version
-    changed = settings.replace(epochs=settings.epochs + 1)        # a setting a training reads
+    resources = settings.replace(dataloader_workers=settings.dataloader_workers + 1)   # how, not what, it trains
+    assert run_training_job(1, settings=resources, reason="RECONCILE")["status"] == "unchanged"
+    changed = settings.replace(epochs=settings.epochs + 1)        # a setting that shapes the model
     assert run_training_job(1, settings=changed, reason="RECONCILE")["status"] == "trained"
     fake_ls.tasks[100]["data"]["label"] = "2"                      # a given label changed in the task data
     assert run_training_job(1, settings=changed, reason="RECONCILE")["status"] == "trained"
