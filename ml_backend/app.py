@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hmac
 import logging
-import os
 import threading
 import time
 
@@ -20,7 +19,7 @@ from .labelconfig import LabelConfigError, parse_label_config
 from .ls_client import LabelStudioClient, LabelStudioError
 from .model import NoiseRobustImageClassifier, parse_project_id
 from .quality_report import project_report
-from .reconcile import Reconciler
+from .reconcile import Reconciler, project_stores, projects_with_refused_events
 from .review import ensure_review_order
 from .training_queue import QueueUnavailable, RQTrainingQueue, ThreadTrainingQueue, Watchdog, make_redis
 from .settings import Settings
@@ -38,6 +37,21 @@ TRAIN_EVENTS = frozenset({
 
 def _error(status: int, message: str):
     return jsonify({"status": "error", "error": message}), status
+
+
+def _refused(settings: Settings, project_id: int, action: str, exc: QueueUnavailable) -> str:
+    """Record a webhook event the training queue refused (Label Studio never sends it again) and
+    log it; returns what becomes of it, for the answer."""
+    try:
+        ProjectStore(settings.model_dir, project_id).record_refused_event(action)
+    except OSError as disk:
+        logger.error("webhook %s for project %d NOT queued (%s) and NOT recorded (%s): it reaches a model only "
+                     "if the project's annotation counts moved or another event trains it", action, project_id,
+                     exc, disk)
+        return "not recorded either"
+    logger.error("webhook %s for project %d NOT queued (%s); recorded: the reconciliation queues a training for "
+                 "it once redis answers (ALR_RECONCILE_SECONDS)", action, project_id, exc)
+    return "recorded: a training is queued for it once redis answers"
 
 
 def make_training_queue(settings: Settings):
@@ -192,8 +206,7 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
         try:
             job = queue.request_training(project_id, action)
         except QueueUnavailable as exc:
-            logger.error("webhook %s for project %d NOT queued: %s", action, project_id, exc)
-            return _error(503, f"training queue unavailable: {exc}")
+            return _error(503, f"training queue unavailable: {exc}; {_refused(settings, project_id, action, exc)}")
         logger.info("webhook %s for project %d -> %s job %s", action, project_id,
                     "coalesced into" if job["coalesced"] else "new", job["job_id"])
         return jsonify({"status": "queued", "action": action, **job}), 201
@@ -219,13 +232,6 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
         if settings.label_studio_url:
             ls["reachable"] = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key,
                                                 timeout=2).health()
-        served = {}
-        if os.path.isdir(settings.model_dir):
-            for name in sorted(os.listdir(settings.model_dir)):
-                if name.startswith("project-"):
-                    pid = parse_project_id(name.split("-", 1)[1])
-                    if pid is not None:
-                        served[str(pid)] = ProjectStore(settings.model_dir, pid).current_version()
         ok = queue_status.get("redis") is not False and queue_status.get("workers", 0) > 0
         if settings.auth_enabled and not credentials_ok(request.authorization, settings):
             # open to anyone: only whether the backend is up and can train, nothing about projects
@@ -234,7 +240,9 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
         # Label Studio only needs 200 + status UP to connect; the details say what is missing
         return jsonify({"status": "UP", "model_class": NoiseRobustImageClassifier.__name__,
                         "training_ready": bool(ok), "queue": queue_status, "label_studio": ls,
-                        "model_versions": served})
+                        "model_versions": {str(store.project_id): store.current_version()
+                                           for store in project_stores(settings)},
+                        "refused_events": {str(p): n for p, n in projects_with_refused_events(settings).items()}})
 
     @app.route("/metrics", methods=["GET"])
     def metrics():

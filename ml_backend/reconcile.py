@@ -1,15 +1,21 @@
 """Reconciliation: events that never arrived still reach a model.
 
-Label Studio sends each webhook once, with a 1 s timeout and no retry: while redis (or the
-backend) is down, an annotation's event is answered 503 (or not at all) and lost.  Every
-``ALR_RECONCILE_SECONDS`` the web app compares, for each project with a model version, the
-project's annotation state in Label Studio with the state the current version was trained from
-(``meta.json``: ``annotation_state``), and queues a training when they differ.  The state is
-the project's annotation counts (``GET /api/projects/<id>``: annotations created, skipped,
-deleted) and how many annotations chose each label (``GET /api/projects/<id>/summary/``:
-``created_labels``), which moves when an annotation is UPDATED to another label.  Two edits that
-swap two tasks' labels leave both unchanged: those wait for the project's next training,
-whatever triggers it.  A Label Studio without the summary route is compared by counts alone.
+Label Studio sends each webhook once, with a 1 s timeout and no retry: while redis is down an
+annotation's event is answered 503, and while the backend is down it is not answered at all.
+Every ``ALR_RECONCILE_SECONDS`` the web app queues a training for
+
+* every project with an event the web app answered 503 (it recorded it in MODEL_DIR:
+  :meth:`ProjectStore.record_refused_event`); the job that reads the project's tasks after the
+  event forgets it.  This catches every refused event, two edits that swap two tasks' labels
+  included, and needs nothing of Label Studio;
+* every project with a model version whose annotation state in Label Studio differs from the
+  state the version was trained from (``meta.json``: ``annotation_state``), for the events that
+  never reached the web app.  The state is the project's annotation counts (``GET
+  /api/projects/<id>``: annotations created, skipped, deleted) and how many annotations chose
+  each label (``GET /api/projects/<id>/summary/``: ``created_labels``), which moves when an
+  annotation is UPDATED to another label.  Two edits that swap two tasks' labels while the
+  backend itself is down leave both unchanged: those wait for the project's next training,
+  whatever triggers it.  A Label Studio without the summary route is compared by counts alone.
 """
 from __future__ import annotations
 
@@ -52,15 +58,24 @@ def changed_since(trained: dict, now: dict) -> bool:
     return trained["labels"] is not None and now["labels"] is not None and trained["labels"] != now["labels"]
 
 
+def project_stores(settings: Settings) -> list[ProjectStore]:
+    """The projects in MODEL_DIR (those in ALR_PROJECTS when set), by id."""
+    if not os.path.isdir(settings.model_dir):
+        return []
+    ids = sorted(int(name[8:]) for name in os.listdir(settings.model_dir)
+                 if name.startswith("project-") and name[8:].isdigit())
+    return [ProjectStore(settings.model_dir, p) for p in ids if settings.project_allowed(p)]
+
+
 def served_projects(settings: Settings) -> list[int]:
     """Projects with a model version in MODEL_DIR (and in ALR_PROJECTS when set)."""
-    out = []
-    if os.path.isdir(settings.model_dir):
-        for name in os.listdir(settings.model_dir):
-            if name.startswith("project-") and name[8:].isdigit() and settings.project_allowed(int(name[8:])):
-                if ProjectStore(settings.model_dir, int(name[8:])).current_version():
-                    out.append(int(name[8:]))
-    return sorted(out)
+    return [store.project_id for store in project_stores(settings) if store.current_version()]
+
+
+def projects_with_refused_events(settings: Settings) -> dict[int, int]:
+    """Projects with webhook events the training queue refused and no job has read since: {id: how many}."""
+    refused = {store.project_id: len(store.refused_events()) for store in project_stores(settings)}
+    return {p: n for p, n in refused.items() if n}
 
 
 def stale_projects(client: LabelStudioClient, settings: Settings) -> list[int]:
@@ -95,16 +110,27 @@ class Reconciler:
         self._stop.set()
 
     def check_once(self) -> list[int]:
+        """Queue a training for each project that needs one; the projects queued.  The refused events
+        come first: they need nothing of Label Studio, which may be what is away."""
         queued = []
+        for p, count in projects_with_refused_events(self.settings).items():
+            if self._queue(p):
+                logger.warning("project %d: %d webhook event(s) were refused while the training queue was down: "
+                               "queued a training for them", p, count)
+                queued.append(p)
         for p in stale_projects(self.client, self.settings):
-            if self.queue.project_status(p).get("pending_job"):
-                continue        # a job is coming anyway
-            job = self.queue.request_training(p, "RECONCILE")
-            logger.warning("project %d: its annotations changed since the current model version but no event "
-                           "reached the backend (a webhook refused while redis was down?): queued %s",
-                           p, job["job_id"])
-            queued.append(p)
+            if p not in queued and self._queue(p):
+                logger.warning("project %d: its annotations changed since the current model version but no event "
+                               "reached the backend (sent while the backend was down?): queued a training", p)
+                queued.append(p)
         return queued
+
+    def _queue(self, project_id: int) -> bool:
+        if self.queue.project_status(project_id).get("pending_job"):
+            return False        # a job is coming anyway, and it reads the tasks after every event so far
+        job = self.queue.request_training(project_id, "RECONCILE")
+        logger.info("project %d: reconciliation queued %s", project_id, job["job_id"])
+        return True
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.reconcile_seconds):

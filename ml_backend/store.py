@@ -8,6 +8,7 @@ Layout::
         versions/<version>/meta.json         config, counts, timings
         CURRENT                              the served version's name (one line)
         .tmp-<version>/                      a version being written (never served)
+        refused-events/<time>-<id>.json      a webhook the training queue refused (redis down)
 
 A version is written into ``.tmp-<version>`` and renamed into ``versions/`` only when all
 its files are complete; ``CURRENT`` is then replaced atomically (write a temp file +
@@ -22,6 +23,7 @@ import os
 import re
 import shutil
 import threading
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -133,6 +135,35 @@ class ProjectStore:
     def update_meta(self, version: str, **changes) -> None:
         """Rewrite some fields of a published version's meta.json (atomically)."""
         atomic_write_json(self.version_dir(version) / "meta.json", {**self.load_meta(version), **changes})
+
+    @property
+    def refused_events_dir(self) -> Path:
+        return self.root / "refused-events"
+
+    def record_refused_event(self, action: str) -> Path:
+        """Remember a webhook event the training queue refused (redis down), so that a training still
+        comes for it: the web app's reconciliation queues one while any is recorded, and the job that
+        reads the tasks after it forgets it (:meth:`forget_refused_events`).
+
+        One file per event: web processes never overwrite each other's, and the job forgets exactly
+        the events it listed before reading the tasks, never one recorded while it read them.
+        """
+        now = datetime.now(timezone.utc)
+        path = self.refused_events_dir / f"{now.strftime('%Y%m%dT%H%M%S.%f')}-{uuid.uuid4().hex}.json"
+        atomic_write_json(path, {"action": str(action), "refused_at": now.isoformat()})
+        return path
+
+    def refused_events(self) -> list[Path]:
+        """The recorded refused events, oldest first."""
+        if not self.refused_events_dir.is_dir():
+            return []
+        return sorted(path for path in self.refused_events_dir.iterdir()
+                      if path.suffix == ".json" and not path.name.startswith("."))
+
+    def forget_refused_events(self, events: list[Path]) -> None:
+        """Forget these recorded events (those a job listed before it read the tasks)."""
+        for path in events:
+            path.unlink(missing_ok=True)
 
     def load(self, version: str) -> VersionResults:
         d = self.version_dir(version)

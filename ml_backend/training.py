@@ -311,11 +311,13 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     store.clean_temp()
 
     progress("fetch", 0.0)
+    refused_events = store.refused_events()      # refused webhooks (redis down) whose annotations the tasks hold
     project = client.get_project(p)
     annotations_before = annotation_state(client, p, project)      # read before the tasks: see reconcile.py
     info = parse_label_config(project.get("label_config"))
     class_forget_rates = settings.class_forget_rates_for(info.class_names)   # a wrong list fails before any work
     tasks = list(client.iter_tasks(p))
+    store.forget_refused_events(refused_events)
     experts = expert_ids(client, settings)
     labels = extract_labels(tasks, info, label_source=settings.label_source, label_field=settings.label_field,
                             experts=experts, trust_ground_truth=settings.trust_ground_truth)

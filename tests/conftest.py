@@ -52,19 +52,29 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    """A throw-away redis-server on 127.0.0.1:<free port>; yields its URL."""
+def start_redis_server(port: int, workdir) -> subprocess.Popen:
+    """A throw-away redis-server (no persistence) on 127.0.0.1:``port``, listening when this returns;
+    skips the test when redis-server is not installed."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(workdir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A throw-away redis-server on 127.0.0.1:<free port>; yields its URL."""
+    port = free_port()
+    proc = start_redis_server(port, tmp_path_factory.mktemp("redis"))
+    try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()

@@ -506,6 +506,26 @@ def test_reconciliation_sees_an_annotation_edited_to_another_label(fake_ls):
     assert stale_projects(client, settings) == []
 
 
+def test_a_job_forgets_only_the_refused_events_recorded_before_it_read_the_tasks(fake_ls):
+    """A webhook refused while the job lists the tasks may be for an annotation the listing missed:
+    that record stays, so the reconciliation queues another training for it."""
+    from ml_backend.ls_client import LabelStudioClient
+
+    settings = Settings.from_env()
+    store = ProjectStore(settings.model_dir, 1)
+    before = store.record_refused_event("ANNOTATION_UPDATED")
+
+    class RefusedWhileListing(LabelStudioClient):
+        def iter_tasks(self, project_id, **kwargs):
+            during.append(store.record_refused_event("ANNOTATION_CREATED"))
+            yield from super().iter_tasks(project_id, **kwargs)
+
+    during = []
+    client = RefusedWhileListing(settings.label_studio_url, settings.label_studio_api_key)
+    assert run_training_job(1, settings=settings, client=client)["status"] == "trained"
+    assert store.refused_events() == during and before not in during
+
+
 @pytest.mark.parametrize("status", [404, 500])
 def test_without_the_project_summary_training_works_and_reconciliation_compares_counts(fake_ls, status, caplog):
     from ml_backend.ls_client import LabelStudioClient

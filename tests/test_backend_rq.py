@@ -252,3 +252,55 @@ def test_a_killed_job_frees_its_project_and_its_events_reach_a_model(fake_ls, tm
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(30)
+
+
+def test_a_swap_refused_while_redis_was_down_reaches_a_model(fake_ls, tmp_path, monkeypatch):
+    """Two edits that swap two tasks' labels move none of Label Studio's counts; their webhooks,
+    refused while redis is down, are recorded by the web app, and once redis answers the
+    reconciliation queues a training that trusts both new labels (real redis-server, rq worker)."""
+    from rq import SimpleWorker
+
+    from ml_backend.ls_client import LabelStudioClient
+    from ml_backend.reconcile import Reconciler, stale_projects
+    from ml_backend.training import run_training_job
+    from tests.conftest import start_redis_server
+
+    first, second = fake_ls.annotate(4, "1"), fake_ls.annotate(5, "2")
+    run_training_job(1, settings=Settings.from_env())
+    store = ProjectStore(Settings.from_env().model_dir, 1)
+    version = store.current_version()
+    port = free_port()                               # redis goes away: nothing listens here yet
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    monkeypatch.setenv("ALR_RECONCILE_SECONDS", "0")  # the test runs the reconciliation's periods itself
+    settings = Settings.from_env()
+    client = create_app(settings).test_client()
+    first["result"][0]["value"]["choices"], second["result"][0]["value"]["choices"] = ["2"], ["1"]
+    for annotation in (first, second):
+        r = client.post("/webhook", json={"action": "ANNOTATION_UPDATED", "project": {"id": 1},
+                                          "annotation": {**annotation, "project": 1}})
+        assert r.status_code == 503 and "recorded" in r.get_json()["error"]
+    assert len(store.refused_events()) == 2
+    assert client.get("/health").get_json()["refused_events"] == {"1": 2}
+    ls_client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    assert stale_projects(ls_client, settings) == []     # no count and no label count moved
+    reconciler = Reconciler(RQTrainingQueue(redis.Redis.from_url(settings.redis_url), settings.rq_queue_name),
+                            settings)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        reconciler.check_once()                          # still down: this period is skipped, nothing forgotten
+    assert len(store.refused_events()) == 2
+    redis_proc = start_redis_server(port, tmp_path)
+    try:
+        conn = redis.Redis.from_url(settings.redis_url)
+        assert reconciler.check_once() == [1]
+        assert reconciler.check_once() == []             # its job is pending: nothing more to queue
+        SimpleWorker([settings.rq_queue_name], connection=conn).work(burst=True)
+        new = store.current_version()
+        assert new != version
+        meta = store.load_meta(new)
+        assert meta["trained_task_labels"]["4"] == 2 and meta["trained_task_labels"]["5"] == 1
+        assert {4, 5} <= set(meta["trusted_task_ids"])
+        assert store.refused_events() == [] and reconciler.check_once() == []
+        assert client.get("/health").get_json()["refused_events"] == {}
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait(10)

@@ -206,6 +206,52 @@ def test_an_annotation_edited_while_redis_was_down_reaches_a_model(e2e):
     assert meta["trained_task_labels"][str(tid)] == int(other) and tid in meta["trusted_task_ids"]
 
 
+def test_a_swap_made_while_redis_was_down_reaches_a_model(e2e):
+    """Two edits that swap two tasks' labels move neither the project's counts nor its label
+    counts; their webhooks refused while redis is down, the web app recorded them, and once redis is
+    back the reconciliation queues a training that trusts both new labels."""
+    ls, stack, pid = e2e["ls"], e2e["stack"], e2e["project"]
+    wait_idle(stack, pid)
+    tids = [t for t in e2e["truth"] if not ls.call("GET", f"/api/tasks/{t}/annotations")]
+    first = tids[0]
+    second = next(t for t in tids[1:] if e2e["truth"][t][1] != e2e["truth"][first][1])
+    labels = {first: str(e2e["truth"][first][1]), second: str(e2e["truth"][second][1])}
+    version = ls.project(pid)["model_version"]
+    annotations = {tid: ls.call("POST", f"/api/tasks/{tid}/annotations", json={
+        "result": [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}],
+        "was_cancelled": False}) for tid, label in labels.items()}
+    ls.wait_model_version(pid, not_in={version}, timeout=300)
+    wait_idle(stack, pid)
+    version = ls.project(pid)["model_version"]
+
+    def state():
+        project = ls.project(pid)
+        return ([project[f] for f in ("total_annotations_number", "num_tasks_with_annotations")],
+                ls.call("GET", f"/api/projects/{pid}/summary/")["created_labels"])
+
+    before = state()
+    redis_proc = stack.procs["redis"]
+    redis_proc.terminate()
+    redis_proc.wait(10)
+    t0 = time.monotonic()
+    for tid, other in ((first, labels[second]), (second, labels[first])):
+        ls.call("PATCH", f"/api/annotations/{annotations[tid]['id']}", json={"result": [
+            {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [other]}}]})
+    assert state() == before                             # nothing Label Studio counts moved
+    refused = Path(e2e["workdir"]) / "models" / f"project-{pid}" / "refused-events"
+    assert len(list(refused.glob("*.json"))) == 2
+    stack.start_redis()
+    ls.wait_model_version(pid, not_in={version}, timeout=300)
+    wait_idle(stack, pid)
+    new = ls.project(pid)["model_version"]
+    print(f"redis down during a swap: new version {new} {time.monotonic() - t0:.0f}s after the edits")
+    meta = json.loads((Path(e2e["workdir"]) / "models" / f"project-{pid}" / "versions" / new / "meta.json").read_text())
+    assert meta["trained_task_labels"][str(first)] == int(labels[second])
+    assert meta["trained_task_labels"][str(second)] == int(labels[first])
+    assert {first, second} <= set(meta["trusted_task_ids"])
+    assert not list(refused.glob("*.json"))
+
+
 def test_health_reports_everything(e2e):
     body = requests.get(f"{e2e['stack'].backend_url}/health", auth=e2e["stack"].backend_auth, timeout=10).json()
     assert body["queue"]["redis"] is True and body["queue"]["workers"] >= 1
