@@ -507,13 +507,18 @@ def test_reconciliation_sees_an_annotation_edited_to_another_label(fake_ls):
 
 
 def test_a_job_forgets_only_the_refused_events_recorded_before_it_read_the_tasks(fake_ls):
-    """A webhook refused while the job lists the tasks may be for an annotation the listing missed:
-    that record stays, so the reconciliation queues another training for it."""
-    from ml_backend.ls_client import LabelStudioClient
+    """A job that cannot read the tasks (Label Studio down) forgets no record; a webhook refused
+    while a job lists the tasks may be for an annotation the listing missed: its record stays too,
+    so the reconciliation queues another training for it."""
+    from ml_backend.ls_client import LabelStudioClient, LabelStudioError
+    from tests.conftest import free_port
 
     settings = Settings.from_env()
     store = ProjectStore(settings.model_dir, 1)
     before = store.record_refused_event("ANNOTATION_UPDATED")
+    with pytest.raises(LabelStudioError):
+        run_training_job(1, settings=settings, client=LabelStudioClient(f"http://127.0.0.1:{free_port()}", PAT))
+    assert store.refused_events() == [before]
 
     class RefusedWhileListing(LabelStudioClient):
         def iter_tasks(self, project_id, **kwargs):
