@@ -15,6 +15,7 @@ name the URL and the status only.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import re
 import socket
@@ -179,6 +180,19 @@ class LabelStudioClient:
         """The project's summary (its ``created_labels``: how many annotations chose each label).
         The route is internal (outside Label Studio's API schema): other versions may lack it."""
         return self.request("GET", f"/api/projects/{int(project_id)}/summary/")
+
+    def newest_task_update(self, project_id: int) -> list | None:
+        """[task id, updated_at] of the project's most recently updated task (one task of the Data
+        Manager's list ordered by ``-tasks:updated_at``); None for a project without tasks.
+
+        Label Studio bumps a task's ``updated_at`` when its data is edited and when one of its
+        annotations is created, edited or deleted, but not when predictions are imported in bulk or a
+        model version's predictions are deleted: the backend's own pushes leave it as it was."""
+        body = self.request("GET", "/api/tasks", params={
+            "project": int(project_id), "page": 1, "page_size": 1, "resolve_uri": "false",
+            "query": json.dumps({"ordering": ["-tasks:updated_at"]})})
+        tasks = body.get("tasks", []) if isinstance(body, dict) else body
+        return [tasks[0].get("id"), tasks[0].get("updated_at")] if tasks else None
 
     def patch_project(self, project_id: int, **fields) -> dict:
         return self.request("PATCH", f"/api/projects/{int(project_id)}", json=fields)

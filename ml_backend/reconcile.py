@@ -9,13 +9,16 @@ Every ``ALR_RECONCILE_SECONDS`` the web app queues a training for
   event forgets it.  This catches every refused event, two edits that swap two tasks' labels
   included, and needs nothing of Label Studio;
 * every project with a model version whose annotation state in Label Studio differs from the
-  state the version was trained from (``meta.json``: ``annotation_state``), for the events that
-  never reached the web app.  The state is the project's annotation counts (``GET
-  /api/projects/<id>``: annotations created, skipped, deleted) and how many annotations chose
-  each label (``GET /api/projects/<id>/summary/``: ``created_labels``), which moves when an
-  annotation is UPDATED to another label.  Two edits that swap two tasks' labels while the
-  backend itself is down leave both unchanged: those wait for the project's next training,
-  whatever triggers it.  A Label Studio without the summary route is compared by counts alone.
+  state the version was trained from (``meta.json``: ``annotation_state``): the events that
+  never reached the web app (sent while it was down), and the changes Label Studio sends no
+  webhook for (a task's data edited: its given label, its image; tasks imported).  The state is
+  the project's annotation counts (``GET /api/projects/<id>``: annotations created, skipped,
+  deleted), how many annotations chose each label (``GET /api/projects/<id>/summary/``:
+  ``created_labels``, which moves when an annotation is edited to another label), and the most
+  recently updated task with its ``updated_at`` (one task of ``GET /api/tasks`` ordered by
+  ``-tasks:updated_at``), which moves on every edit of a task's data or annotations, two edits
+  that swap two labels included, and not on the backend's own prediction pushes.  A part Label
+  Studio does not answer is left out of the comparison.
 """
 from __future__ import annotations
 
@@ -34,28 +37,34 @@ COUNT_FIELDS = ("total_annotations_number", "skipped_annotations_number", "num_t
 
 
 def annotation_state(client: LabelStudioClient, project_id: int, project: dict | None = None) -> dict:
-    """What reconciliation compares: the project's annotation counts and, where Label Studio has
-    the summary route, its annotations per label (None otherwise).  ``project``: the project as
-    just fetched (GET /api/projects/<id>), to save that call."""
+    """What reconciliation compares: the project's annotation counts, its annotations per label and
+    its most recently updated task (each None where Label Studio does not answer it).
+    ``project``: the project as just fetched (GET /api/projects/<id>), to save that call."""
     project = client.get_project(project_id) if project is None else project
-    try:
-        summary = client.get_project_summary(project_id)
-    except LabelStudioError as exc:
-        # the counts still see annotations created and deleted; only edits wait for the next event
-        (logger.debug if exc.status == 404 else logger.warning)(
-            "project %d: no label counts from Label Studio's project summary (%s): comparing annotation "
-            "counts only", project_id, exc)
-        summary = None
+    summary = _optional(project_id, "label counts of the project summary", client.get_project_summary)
     return {"counts": [project.get(field) for field in COUNT_FIELDS],
-            "labels": summary.get("created_labels") if isinstance(summary, dict) else None}
+            "labels": summary.get("created_labels") if isinstance(summary, dict) else None,
+            "newest_task_update": _optional(project_id, "most recently updated task", client.newest_task_update)}
+
+
+def _optional(project_id: int, what: str, call):
+    try:
+        return call(project_id)
+    except LabelStudioError as exc:
+        # the counts still see annotations created and deleted; what this part sees waits for the next event
+        (logger.debug if exc.status == 404 else logger.warning)(
+            "project %d: Label Studio did not give the %s (%s): the reconciliation compares without it",
+            project_id, what, exc)
+        return None
 
 
 def changed_since(trained: dict, now: dict) -> bool:
-    """Whether the annotations moved between two :func:`annotation_state`; labels are compared
-    only where both states have them."""
+    """Whether the annotations or tasks moved between two :func:`annotation_state`; each part but the
+    counts is compared only where both states have it (a version from before it was recorded has not)."""
     if trained["counts"] != now["counts"]:
         return True
-    return trained["labels"] is not None and now["labels"] is not None and trained["labels"] != now["labels"]
+    return any(trained.get(part) is not None and now.get(part) is not None and trained[part] != now[part]
+               for part in ("labels", "newest_task_update"))
 
 
 def project_stores(settings: Settings) -> list[ProjectStore]:

@@ -506,6 +506,24 @@ def test_reconciliation_sees_an_annotation_edited_to_another_label(fake_ls):
     assert stale_projects(client, settings) == []
 
 
+def test_reconciliation_sees_a_given_label_edited_in_the_task_data(fake_ls):
+    """Label Studio sends no webhook when a task's data changes (a given label corrected by a script or
+    an import); no annotation count moves, but the task's updated_at does; the backend's own
+    prediction pushes do not move it."""
+    from ml_backend.reconcile import stale_projects
+    from ml_backend.ls_client import LabelStudioClient
+
+    settings = Settings.from_env()
+    run_training_job(1, settings=settings)
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    assert stale_projects(client, settings) == []
+    fake_ls.edit_task_data(201, label="0")             # the dark image was labelled "2": corrected
+    assert stale_projects(client, settings) == [1]
+    version = run_training_job(1, settings=settings)["model_version"]
+    assert ProjectStore(settings.model_dir, 1).load_meta(version)["trained_task_labels"]["201"] == 0
+    assert stale_projects(client, settings) == []
+
+
 def test_a_job_forgets_only_the_refused_events_recorded_before_it_read_the_tasks(fake_ls):
     """A job that cannot read the tasks (Label Studio down) forgets no record; a webhook refused
     while a job lists the tasks may be for an annotation the listing missed: its record stays too,
@@ -544,4 +562,5 @@ def test_without_the_project_summary_training_works_and_reconciliation_compares_
     client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
     fake_ls.summary_status = 200                # back: no labels recorded to compare with, so not stale
     assert stale_projects(client, settings) == []
-    assert ("comparing annotation counts only" in caplog.text) == (status == 500)
+    assert ("label counts of the project summary" in caplog.text and "compares without it" in caplog.text) \
+        == (status == 500)

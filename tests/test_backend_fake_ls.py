@@ -60,6 +60,7 @@ class FakeLabelStudio:
         self.image_failures = 0              # the next this many /data/upload/ requests get 503 (an overloaded host)
         self.image_requests = 0
         self._next_annotation = 1
+        self._clock = 0                      # updated_at of tasks: bumped like Label Studio's (see touch)
         self.app = self._make_app()
         self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
@@ -84,6 +85,19 @@ class FakeLabelStudio:
             self.files[path] = image if image is not None else png_bytes(pixel)
         self.tasks[tid] = {"id": tid, "project": pid, "data": {"image": path, "label": label},
                            "annotations": [], "predictions": []}
+        self.touch(tid)
+
+    def touch(self, tid: int) -> None:
+        """Bump a task's updated_at, as Label Studio does when the task's data or one of its annotations
+        changes (not for predictions imported in bulk)."""
+        self._clock += 1
+        self.tasks[tid]["updated_at"] = f"2026-01-01T00:00:00.{self._clock:06d}Z"
+
+    def edit_task_data(self, tid: int, **data) -> None:
+        """PATCH /api/tasks/<id> of the real server: new data (a given label), no webhook."""
+        with self.lock:
+            self.tasks[tid]["data"].update(data)
+            self.touch(tid)
 
     def annotate(self, tid: int, choice: str, *, cancelled: bool = False) -> dict:
         with self.lock:
@@ -94,6 +108,7 @@ class FakeLabelStudio:
                    "result": [] if cancelled else [{"from_name": "label", "to_name": "image", "type": "choices",
                                                     "value": {"choices": [choice]}}]}
             self.tasks[tid]["annotations"].append(ann)
+            self.touch(tid)
             return ann
 
     # -- server -----------------------------------------------------------------------
@@ -174,6 +189,9 @@ class FakeLabelStudio:
             page, size = int(request.args.get("page", 1)), int(request.args.get("page_size", 100))
             with fake.lock:
                 rows = [json.loads(json.dumps(t)) for t in fake.tasks.values() if t["project"] == pid]
+            ordering = json.loads(request.args.get("query", "{}")).get("ordering", [])
+            if ordering == ["-tasks:updated_at"]:           # the one ordering the backend asks for
+                rows.sort(key=lambda t: t["updated_at"], reverse=True)
             chunk = rows[(page - 1) * size: page * size]
             if not chunk and page > 1:
                 return jsonify({"detail": "Invalid page."}), 404

@@ -252,6 +252,31 @@ def test_a_swap_made_while_redis_was_down_reaches_a_model(e2e):
     assert not list(refused.glob("*.json"))
 
 
+def test_a_given_label_edited_in_the_task_data_reaches_a_model_and_pushes_queue_nothing(e2e):
+    """Label Studio sends no webhook when a task's data is edited (a given label corrected by a
+    script): the reconciliation sees the task's updated_at move and a new version trains on the new
+    label. The backend's own prediction pushes move no updated_at: no training follows them."""
+    ls, stack, pid = e2e["ls"], e2e["stack"], e2e["project"]
+    wait_idle(stack, pid)
+    tid = next(t for t, (given, true) in e2e["truth"].items()
+               if given != true and not ls.call("GET", f"/api/tasks/{t}/annotations"))
+    version = ls.project(pid)["model_version"]
+    task = ls.call("GET", f"/api/tasks/{tid}")
+    t0 = time.monotonic()
+    ls.call("PATCH", f"/api/tasks/{tid}", json={"data": {**task["data"], "label": str(e2e["truth"][tid][1])}})
+    ls.wait_model_version(pid, not_in={version}, timeout=300)
+    wait_idle(stack, pid)
+    new = ls.project(pid)["model_version"]
+    print(f"a given label edited in the task data: new version {new} {time.monotonic() - t0:.0f}s after the edit")
+    meta = json.loads((Path(e2e["workdir"]) / "models" / f"project-{pid}" / "versions" / new / "meta.json").read_text())
+    assert meta["trained_task_labels"][str(tid)] == e2e["truth"][tid][1] and tid not in meta["trusted_task_ids"]
+    log = Path(e2e["workdir"]) / "backend.log"
+    queued = log.read_text().count("reconciliation queued")
+    time.sleep(3 * int(BACKEND_ENV["ALR_RECONCILE_SECONDS"]))        # three periods after the pushes
+    assert log.read_text().count("reconciliation queued") == queued
+    assert ls.project(pid)["model_version"] == new
+
+
 def test_health_reports_everything(e2e):
     body = requests.get(f"{e2e['stack'].backend_url}/health", auth=e2e["stack"].backend_auth, timeout=10).json()
     assert body["queue"]["redis"] is True and body["queue"]["workers"] >= 1
