@@ -92,6 +92,13 @@ def bench_predict(n_tasks: int = 100, repeats: int = 200) -> dict:
             "http_median_ms": statistics.median(http) * 1000, "http_p95_ms": q(http, 0.95)}
 
 
+def import_tasks(client: LabelStudioClient, project: int, n: int, *, chunk: int = 2000) -> None:
+    """n tasks with a given label and an image reference nothing serves (nothing here downloads it)."""
+    for start in range(0, n, chunk):
+        client.request("POST", f"/api/projects/{project}/import", timeout=300, json=[
+            {"image": f"/data/upload/none/{i}.png", "label": str(i % 10)} for i in range(start, min(n, start + chunk))])
+
+
 def bench_push(ls_url: str, api_key: str, n_tasks: int = 1000, batch_sizes=(100, 500, 1000)) -> list[dict]:
     """Time to push predictions for n_tasks tasks in bulk, per batch size (a fresh project each)."""
     client = LabelStudioClient(ls_url, api_key, timeout=300)
@@ -101,8 +108,7 @@ def bench_push(ls_url: str, api_key: str, n_tasks: int = 1000, batch_sizes=(100,
         n = 100 if batch is None else n_tasks
         project = client.request("POST", "/api/projects", json={"title": f"bench push {batch}",
                                                                  "label_config": CONFIG})["id"]
-        client.request("POST", f"/api/projects/{project}/import", timeout=300,
-                       json=[{"image": f"/data/upload/none/{i}.png", "label": str(i % 10)} for i in range(n)])
+        import_tasks(client, project, n)
         ids = [t["id"] for t in client.iter_tasks(project, page_size=500)]
         preds = [dict(prediction_for(record(i), info, "bench-v1"), task=tid) for i, tid in enumerate(ids)]
         t0 = time.perf_counter()
@@ -124,6 +130,39 @@ def bench_push(ls_url: str, api_key: str, n_tasks: int = 1000, batch_sizes=(100,
     return rows
 
 
+RECONCILE_ANNOTATED = 50     # tasks annotated in each project of bench_reconcile
+
+
+def bench_reconcile(ls_url: str, api_key: str, sizes=(200, 5000, 20000), repeats: int = 5) -> list[dict]:
+    """What one reconciliation period asks Label Studio per served project (ml_backend.reconcile.annotation_state:
+    the project, its summary, its most recently updated task), against what a job's task listing costs."""
+    client = LabelStudioClient(ls_url, api_key, timeout=300)
+    rows = []
+    for n in sizes:
+        project = client.request("POST", "/api/projects", json={"title": f"bench reconcile {n}",
+                                                                 "label_config": CONFIG})["id"]
+        import_tasks(client, project, n)
+        first = client.request("GET", "/api/tasks", params={"project": project, "page_size": RECONCILE_ANNOTATED})
+        for task in first["tasks"] if isinstance(first, dict) else first:
+            client.request("POST", f"/api/tasks/{task['id']}/annotations", json={"was_cancelled": False, "result": [
+                {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["1"]}}]})
+        calls = {"project": lambda: client.get_project(project),
+                 "summary": lambda: client.get_project_summary(project),
+                 "newest task update": lambda: client.newest_task_update(project)}
+        row = {"tasks": n}
+        for name, call in calls.items():
+            call()
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                call()
+            row[name] = 1000 * (time.perf_counter() - t0) / repeats
+        t0 = time.perf_counter()
+        listed = sum(1 for _ in client.iter_tasks(project))
+        row["listing_s"], row["listed"] = time.perf_counter() - t0, listed
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ls-url")
@@ -139,6 +178,7 @@ def main(argv=None) -> int:
     print("predict:", pred, flush=True)
 
     stack = None
+    reconcile_rows = []
     target = "real Label Studio 1.23.2"
     try:
         if args.no_label_studio:
@@ -167,6 +207,7 @@ def main(argv=None) -> int:
                 stack.start_label_studio()
                 url, token = stack.ls_url, stack.token
             rows = bench_push(url, token)
+            reconcile_rows = bench_reconcile(url, token)
     finally:
         if stack is not None:
             stack.stop()
@@ -190,6 +231,15 @@ def main(argv=None) -> int:
         lines.append(f"| {row['batch']} | {-(-row['tasks'] // row['batch'])} | {row['created']} | "
                      f"{row['push_s']:.2f} | {row['patch_s']:.2f} | {row['created'] / row['push_s']:.0f} | "
                      f"{row.get('note', '')} |")
+    if reconcile_rows:
+        lines += ["", f"One reconciliation period per served project (`ALR_RECONCILE_SECONDS`: the project, its "
+                  f"summary, its most recently updated task; mean of 5 calls) against a job's listing of every "
+                  f"task (pages of 200), on the {target} with SQLite, {RECONCILE_ANNOTATED} tasks annotated:", "",
+                  "| tasks | project (ms) | summary (ms) | newest task update (ms) | job's task listing (s) |",
+                  "|---|---|---|---|---|"]
+        for row in reconcile_rows:
+            lines.append(f"| {row['tasks']:,} | {row['project']:.0f} | {row['summary']:.0f} | "
+                         f"{row['newest task update']:.0f} | {row['listing_s']:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
