@@ -207,15 +207,14 @@ class Stack:
         wait_http(f"{self.ls_url}/health", timeout, proc, self.workdir / "label-studio.log")
 
     def start_backend(self, api_key: str, extra_env: dict | None = None, timeout: float = 60) -> None:
+        """The backend's web app and one rq worker."""
         env = dict(os.environ, LABEL_STUDIO_URL=self.ls_url, LABEL_STUDIO_API_KEY=api_key,
                    REDIS_URL=self.redis_url, RQ_QUEUE_NAME="alr-training", ALR_USE_REDIS="true",
                    MODEL_DIR=str(self.workdir / "models"), PYTHONPATH=str(REPO),
                    BASIC_AUTH_USER=self.backend_user, BASIC_AUTH_PASS=self.backend_password)
         env.update(extra_env or {})         # may point LABEL_STUDIO_URL elsewhere (a proxy in the fault tests)
         self.backend_env = env
-        proc = self._spawn("backend", [self.python, str(REPO / "ml_backend" / "_wsgi.py"), "--host",
-                                       "127.0.0.1", "--port", str(self.backend_port)], env=env)
-        wait_http(f"{self.backend_url}/health", timeout, proc, self.workdir / "backend.log")
+        self.start_web_app(timeout)
         self._spawn("worker", [self.python, "-m", "rq.cli", "worker", "--url", self.redis_url,
                                "alr-training"], env=env)
         deadline = time.monotonic() + 30
@@ -225,8 +224,16 @@ class Stack:
             time.sleep(0.3)
         raise TimeoutError("the rq worker did not register")
 
-    def stop(self) -> None:
-        for name, proc in reversed(list(self.procs.items())):
+    def start_web_app(self, timeout: float = 60) -> None:
+        """The backend's web app (again, after ``stop("backend")``) with the environment of start_backend."""
+        proc = self._spawn("backend", [self.python, str(REPO / "ml_backend" / "_wsgi.py"), "--host",
+                                       "127.0.0.1", "--port", str(self.backend_port)], env=self.backend_env)
+        wait_http(f"{self.backend_url}/health", timeout, proc, self.workdir / "backend.log")
+
+    def stop(self, *names: str) -> None:
+        """Stop these processes ("redis", "backend", "worker", "label-studio"), or all of them, newest first."""
+        for name in [n for n in reversed(list(self.procs)) if not names or n in names]:
+            proc = self.procs.pop(name)
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)      # its own session: only what we started
@@ -236,7 +243,6 @@ class Stack:
                     proc.wait(20)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
-        self.procs.clear()
 
 
 # -- Label Studio API --------------------------------------------------------------------
