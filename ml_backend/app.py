@@ -45,9 +45,9 @@ def _refused(settings: Settings, project_id: int, action: str, exc: QueueUnavail
     try:
         ProjectStore(settings.model_dir, project_id).record_refused_event(action)
     except OSError as disk:
-        logger.error("webhook %s for project %d NOT queued (%s) and NOT recorded (%s): it reaches a model only "
-                     "if the project's annotation counts moved or another event trains it", action, project_id,
-                     exc, disk)
+        logger.error("webhook %s for project %d NOT queued (%s) and NOT recorded (%s): the reconciliation finds "
+                     "it only by the project's state in Label Studio, which a first training does not have",
+                     action, project_id, exc, disk)
         return "not recorded either"
     logger.error("webhook %s for project %d NOT queued (%s); recorded: the reconciliation queues a training for "
                  "it once redis answers (ALR_RECONCILE_SECONDS)", action, project_id, exc)

@@ -6,8 +6,8 @@ Every ``ALR_RECONCILE_SECONDS`` the web app queues a training for
 
 * every project with an event the web app answered 503 (it recorded it in MODEL_DIR:
   :meth:`ProjectStore.record_refused_event`); the job that reads the project's tasks after the
-  event forgets it.  This catches every refused event, two edits that swap two tasks' labels
-  included, and needs nothing of Label Studio;
+  event forgets it.  This catches every refused event, a project's first START_TRAINING included
+  (a project without a version has no state to compare), and needs nothing of Label Studio;
 * every project with a model version whose annotation state in Label Studio differs from the
   state the version was trained from (``meta.json``: ``annotation_state``): the events that
   never reached the web app (sent while it was down), and the changes Label Studio sends no

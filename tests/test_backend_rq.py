@@ -254,46 +254,74 @@ def test_a_killed_job_frees_its_project_and_its_events_reach_a_model(fake_ls, tm
                 proc.wait(30)
 
 
-def test_a_swap_refused_while_redis_was_down_reaches_a_model(fake_ls, tmp_path, monkeypatch):
-    """Two edits that swap two tasks' labels move none of Label Studio's counts; their webhooks,
-    refused while redis is down, are recorded by the web app, and once redis answers the
-    reconciliation queues a training that trusts both new labels (real redis-server, rq worker)."""
+def _without_redis(monkeypatch):
+    """The web app (test client) and its reconciler with redis gone: nothing listens on the port of
+    REDIS_URL until the test starts a redis-server there.  Returns (port, settings, client, reconciler)."""
+    from ml_backend.reconcile import Reconciler
+
+    port = free_port()
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    monkeypatch.setenv("ALR_RECONCILE_SECONDS", "0")  # the test runs the reconciliation's periods itself
+    settings = Settings.from_env()
+    reconciler = Reconciler(RQTrainingQueue(redis.Redis.from_url(settings.redis_url), settings.rq_queue_name),
+                            settings)
+    return port, settings, create_app(settings).test_client(), reconciler
+
+
+def test_a_first_training_refused_while_redis_was_down_still_comes(fake_ls, tmp_path, monkeypatch):
+    """A project without a model version has no state to compare: its START_TRAINING (the Start
+    Training button), refused while redis is down, is recorded, and once redis answers the
+    reconciliation queues its first training (real redis-server, rq worker)."""
     from rq import SimpleWorker
 
-    from ml_backend.ls_client import LabelStudioClient
-    from ml_backend.reconcile import Reconciler, stale_projects
+    from tests.conftest import start_redis_server
+
+    port, settings, client, reconciler = _without_redis(monkeypatch)
+    r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+    assert r.status_code == 503 and "recorded" in r.get_json()["error"]
+    store = ProjectStore(settings.model_dir, 1)
+    assert store.current_version() is None and len(store.refused_events()) == 1
+    with pytest.raises(redis.exceptions.ConnectionError):
+        reconciler.check_once()                          # still down: this period is skipped, nothing forgotten
+    assert len(store.refused_events()) == 1
+    redis_proc = start_redis_server(port, tmp_path)
+    try:
+        assert reconciler.check_once() == [1]
+        SimpleWorker([settings.rq_queue_name], connection=redis.Redis.from_url(settings.redis_url)).work(burst=True)
+        assert store.current_version() is not None
+        assert store.refused_events() == [] and reconciler.check_once() == []
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait(10)
+
+
+def test_a_swap_refused_while_redis_was_down_reaches_a_model(fake_ls, tmp_path, monkeypatch):
+    """Two edits that swap two tasks' labels move none of Label Studio's counts; their webhooks,
+    refused while redis is down, are recorded by the web app (and the tasks' updated_at moved), and
+    once redis answers the reconciliation queues one training that trusts both new labels."""
+    from rq import SimpleWorker
+
     from ml_backend.training import run_training_job
     from tests.conftest import start_redis_server
 
     first, second = fake_ls.annotate(4, "1"), fake_ls.annotate(5, "2")
     run_training_job(1, settings=Settings.from_env())
-    store = ProjectStore(Settings.from_env().model_dir, 1)
+    port, settings, client, reconciler = _without_redis(monkeypatch)
+    store = ProjectStore(settings.model_dir, 1)
     version = store.current_version()
-    port = free_port()                               # redis goes away: nothing listens here yet
-    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
-    monkeypatch.setenv("ALR_RECONCILE_SECONDS", "0")  # the test runs the reconciliation's periods itself
-    settings = Settings.from_env()
-    client = create_app(settings).test_client()
-    first["result"][0]["value"]["choices"], second["result"][0]["value"]["choices"] = ["2"], ["1"]
-    for annotation in (first, second):
+    for annotation, other in ((first, "2"), (second, "1")):
+        annotation["result"][0]["value"]["choices"] = [other]
+        fake_ls.touch(annotation["task"])
         r = client.post("/webhook", json={"action": "ANNOTATION_UPDATED", "project": {"id": 1},
                                           "annotation": {**annotation, "project": 1}})
         assert r.status_code == 503 and "recorded" in r.get_json()["error"]
     assert len(store.refused_events()) == 2
     assert client.get("/health").get_json()["refused_events"] == {"1": 2}
-    ls_client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
-    assert stale_projects(ls_client, settings) == []     # no count and no label count moved
-    reconciler = Reconciler(RQTrainingQueue(redis.Redis.from_url(settings.redis_url), settings.rq_queue_name),
-                            settings)
-    with pytest.raises(redis.exceptions.ConnectionError):
-        reconciler.check_once()                          # still down: this period is skipped, nothing forgotten
-    assert len(store.refused_events()) == 2
     redis_proc = start_redis_server(port, tmp_path)
     try:
-        conn = redis.Redis.from_url(settings.redis_url)
         assert reconciler.check_once() == [1]
         assert reconciler.check_once() == []             # its job is pending: nothing more to queue
-        SimpleWorker([settings.rq_queue_name], connection=conn).work(burst=True)
+        SimpleWorker([settings.rq_queue_name], connection=redis.Redis.from_url(settings.redis_url)).work(burst=True)
         new = store.current_version()
         assert new != version
         meta = store.load_meta(new)
