@@ -36,7 +36,7 @@ import numpy as np
 from .images import ImageCache, ImageHostDown, cache_task_images, load_task_images
 from .labelconfig import LabelConfigInfo, parse_label_config
 from .labels import extract_labels
-from .ls_client import LabelStudioClient
+from .ls_client import LabelStudioClient, LabelStudioError
 from .reconcile import annotation_state
 from .review import ensure_review_order, refresh_backend_version, reopen_suspects
 from .settings import Settings
@@ -312,7 +312,14 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
 
     progress("fetch", 0.0)
     refused_events = store.refused_events()      # refused webhooks (redis down) whose annotations the tasks hold
-    project = client.get_project(p)
+    try:
+        project = client.get_project(p)
+    except LabelStudioError as exc:
+        if exc.status == 404 and refused_events:     # the project is gone: nothing will ever train for them
+            store.forget_refused_events(refused_events)
+            logger.warning("project %d no longer exists in Label Studio: forgot its %d refused webhook event(s)",
+                           p, len(refused_events))
+        raise
     annotations_before = annotation_state(client, p, project)      # read before the tasks: see reconcile.py
     info = parse_label_config(project.get("label_config"))
     class_forget_rates = settings.class_forget_rates_for(info.class_names)   # a wrong list fails before any work
@@ -540,7 +547,6 @@ def train_project_job(project_id: int, reason: str = "") -> dict:
     is queued again by the web app's watchdog."""
     from rq import get_current_job
 
-    from .ls_client import LabelStudioError
     from .training_queue import RQTrainingQueue, RunningLock, claim_pending, clear_dirty, mark_dirty
 
     if not logging.getLogger().handlers:      # an rq worker configures only its own logger
@@ -570,7 +576,9 @@ def train_project_job(project_id: int, reason: str = "") -> dict:
         _, reasons = _claimed_events(job, project_id, reason)
         try:
             result = run_training_job(project_id, settings=settings, reason=reasons, progress=progress)
-        except LabelStudioError:
+        except LabelStudioError as exc:
+            if not exc.transient:                        # the project is gone or the key cannot read it
+                clear_dirty(job.connection, project_id)  # fail once, do not loop
             raise            # Label Studio away: stays dirty, the watchdog queues the project again
         except BaseException:
             clear_dirty(job.connection, project_id)      # a bad project: fail once, do not loop

@@ -332,3 +332,23 @@ def test_a_swap_refused_while_redis_was_down_reaches_a_model(fake_ls, tmp_path, 
     finally:
         redis_proc.terminate()
         redis_proc.wait(10)
+
+
+def test_a_job_for_a_project_deleted_in_label_studio_fails_once_and_forgets_its_records(fake_ls):
+    """Label Studio answers 404 for the project: the job fails, the watchdog does not queue it again
+    and the reconciliation has no record left to queue it for (real redis-server, rq worker)."""
+    from rq import SimpleWorker
+
+    from ml_backend.reconcile import Reconciler
+    from ml_backend.training_queue import Watchdog
+
+    settings = Settings.from_env()
+    store = ProjectStore(settings.model_dir, 99)                 # a project Label Studio does not have
+    store.record_refused_event("ANNOTATION_CREATED")
+    conn = redis.Redis.from_url(settings.redis_url)
+    queue = RQTrainingQueue(conn, settings.rq_queue_name)
+    assert Reconciler(queue, settings).check_once() == [99]
+    SimpleWorker([settings.rq_queue_name], connection=conn).work(burst=True)
+    assert Job.fetch("train-99-1", connection=conn).get_status() == JobStatus.FAILED
+    assert store.refused_events() == [] and not conn.exists("alr:train:99:dirty")
+    assert Watchdog(queue, period=1).check_once() == [] and Reconciler(queue, settings).check_once() == []
