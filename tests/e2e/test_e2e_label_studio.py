@@ -281,6 +281,7 @@ def test_health_reports_everything(e2e):
     assert body["queue"]["redis"] is True and body["queue"]["workers"] >= 1
     assert body["label_studio"]["reachable"] is True
     assert body["model_versions"][str(e2e["project"])].startswith("alr-v")
+    assert body["refused_events"] == {}             # every event refused while redis was down reached a model
 
 
 def test_secrets_never_reach_logs_or_redis(e2e, admin_pat):
