@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import re
 import sys
 
 import numpy as np
@@ -116,13 +118,31 @@ def test_torchrun_failure_fails_the_job_with_its_output(digits_ls, monkeypatch, 
     assert store.current_version() == first and len(store.list_versions()) == 1   # nothing half-written
 
 
-def test_torchrun_is_killed_at_the_job_timeout(digits_ls, monkeypatch):
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("timeout", [1, 30])
+def test_torchrun_and_its_ranks_are_killed_at_the_job_timeout(digits_ls, monkeypatch, caplog, timeout):
+    """1 s: torchrun is killed while it starts; 30 s: mid-training, when each rank runs in a session of
+    its own (torch's elastic agent starts them so): no rank may outlive the job, and the job must end."""
     monkeypatch.setenv("ALR_TRAIN_PROCESSES", "2")
-    monkeypatch.setenv("ALR_JOB_TIMEOUT", "1")
-    monkeypatch.setenv("ALR_EPOCHS", "50")
-    with pytest.raises(TrainingProcessError, match="did not finish within"):
-        run_training_job(1, settings=Settings.from_env())
-    assert ProjectStore(Settings.from_env().model_dir, 1).current_version() is None
+    monkeypatch.setenv("ALR_JOB_TIMEOUT", str(timeout))
+    monkeypatch.setenv("ALR_EPOCHS", "5000")
+    settings = Settings.from_env()
+    with caplog.at_level("INFO", logger="ml_backend.training"), \
+            pytest.raises(TrainingProcessError, match="did not finish within"):
+        run_training_job(1, settings=settings)
+    if timeout == 30:
+        assert re.search(r"torchrun: .*epoch \d+/5000", caplog.text), "the ranks never trained: nothing was tested"
+    assert ProjectStore(settings.model_dir, 1).current_version() is None
+    left = [pid for pid in os.listdir("/proc") if pid.isdigit() and settings.model_dir in _cmdline(pid)]
+    assert not left, f"processes of the job outlived it: {[_cmdline(pid) for pid in left]}"
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_streamed_images_give_the_same_results_as_in_memory(digits_ls, monkeypatch, tmp_path):
