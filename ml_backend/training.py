@@ -123,7 +123,8 @@ def train_with_torchrun(*, images=None, image_paths=None, channels: int, labels:
     out = work_dir / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "model.train", "--npz", str(work_dir / "job.npz"), "--out", str(out),
-               "--config-json", str(work_dir / "config.json"), "--checkpoint", str(checkpoint_path)]
+               "--config-json", str(work_dir / "config.json"), "--checkpoint", str(checkpoint_path),
+               "--exit-with-pid", str(os.getpid())]      # a job killed with SIGKILL leaves no rank behind
     if previous_checkpoint is not None:
         command += ["--previous-checkpoint", str(previous_checkpoint)]
     model_root = str(Path(importlib.util.find_spec("model").origin).resolve().parents[1])

@@ -22,7 +22,10 @@ What an ML backend training job adds (ml_backend/training.py launches it so):
   the path of a JSON file.  Hyperparameter flags given explicitly override its fields; the
   device is chosen per rank (``cuda:<LOCAL_RANK>`` or the CPU);
 * ``--previous-checkpoint``: Phase 2 fine-tuning of that checkpoint instead of Phase 1;
-* ``--checkpoint``: where the new checkpoint goes (default DIR/checkpoint.pt).
+* ``--checkpoint``: where the new checkpoint goes (default DIR/checkpoint.pt);
+* ``--exit-with-pid PID``: the rank ends within seconds of process PID (the job that started
+  torchrun).  torchrun starts each rank in a session of its own, so a job killed with SIGKILL
+  (a worker killed, the OOM killer) would otherwise leave the ranks training on its GPUs.
 """
 from __future__ import annotations
 
@@ -30,7 +33,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +68,11 @@ def main(argv=None) -> int:
     parser.add_argument("--previous-checkpoint", type=Path, default=None,
                         help="fine-tune this checkpoint (Phase 2) instead of training from scratch")
     parser.add_argument("--checkpoint", type=Path, default=None, help="output checkpoint (default OUT/checkpoint.pt)")
+    parser.add_argument("--exit-with-pid", type=int, default=None,
+                        help="end this process within seconds of process PID (the job that started it)")
     args = parser.parse_args(argv)
+    if args.exit_with_pid is not None:
+        exit_with(args.exit_with_pid)
 
     from model import distributed
 
@@ -104,6 +114,42 @@ def _train(args, base: EngineConfig | None, ctx, device: str, train_and_score) -
                     args.out / "scores.npz", ctx.world_size, int(np.sum(result.lnl_clean_mask)),
                     len(result.lnl_clean_mask))
     return 0
+
+
+def exit_with(pid: int, *, period: float = 2.0) -> None:
+    """End this process (exit status 1) once process ``pid`` has ended, from a daemon thread that
+    looks every ``period`` seconds; a pid reused by another process counts as ended (Linux: its
+    start time differs)."""
+    started = _start_time(pid)
+    if started is None:
+        raise SystemExit(f"--exit-with-pid: no process {pid}")
+
+    def watch():
+        while _start_time(pid) == started:
+            time.sleep(period)
+        print(f"process {pid}, which started this one, has ended: exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-pid", daemon=True).start()
+
+
+def _start_time(pid: int):
+    """The start time of process ``pid`` (/proc), True where there is no /proc, None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except FileNotFoundError:
+        if os.path.isdir("/proc"):
+            return None
+    except (OSError, IndexError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return True
 
 
 def _base_config(value: str | None) -> EngineConfig | None:

@@ -137,6 +137,73 @@ def test_torchrun_and_its_ranks_are_killed_at_the_job_timeout(digits_ls, monkeyp
     assert not left, f"processes of the job outlived it: {[_cmdline(pid) for pid in left]}"
 
 
+@pytest.mark.timeout(300)
+def test_a_job_killed_with_sigkill_leaves_no_rank_training(digits_ls, monkeypatch, tmp_path):
+    """The job's process killed with SIGKILL mid-training (a worker killed, the OOM killer) runs no
+    cleanup, and the ranks run in sessions of their own: they must end anyway.  Here two things end
+    them: --exit-with-pid (within 2 s), and rank 0's next write to the dead job's pipe (SIGPIPE),
+    which on these tiny epochs comes at once; on a project whose epochs take minutes only the first
+    is quick, and the next test checks it alone."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("ALR_TRAIN_PROCESSES", "2")
+    monkeypatch.setenv("ALR_EPOCHS", "5000")
+    settings = Settings.from_env()
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen([sys.executable, "-c", "import logging; logging.basicConfig(level='INFO'); "
+                                "from ml_backend.training import run_training_job; run_training_job(1)"],
+                               cwd=REPO, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not re.search(r"torchrun: .*epoch \d+/5000", log.read_text()):
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        ranks = [pid for pid in os.listdir("/proc") if pid.isdigit() and "model.train" in _cmdline(pid)
+                 and settings.model_dir in _cmdline(pid)]
+        assert ranks, "no rank of the job was found: nothing was tested"
+        job.send_signal(signal.SIGKILL)
+        job.wait(10)
+        deadline = time.monotonic() + 30
+        while [pid for pid in os.listdir("/proc") if pid.isdigit() and settings.model_dir in _cmdline(pid)]:
+            assert time.monotonic() < deadline, "the ranks outlived the job by 30 s"
+            time.sleep(0.5)
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+
+def test_exit_with_pid_ends_the_process_when_the_other_ends():
+    """model.train's --exit-with-pid on its own: a process that writes nothing ends within seconds of
+    the process it watches."""
+    import subprocess
+    import time
+
+    from tests.conftest import REPO
+
+    watched = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    watcher = subprocess.Popen([sys.executable, "-c", f"import time, model.train as t; t.exit_with({watched.pid}, "
+                                "period=0.2); print('watching', flush=True); time.sleep(120)"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout.readline() == "watching\n"   # imports done, the thread watches
+        time.sleep(1.0)
+        assert watcher.poll() is None                    # the watched process lives: so does the watcher
+        t0 = time.monotonic()
+        watched.kill()
+        watched.wait(10)
+        assert watcher.wait(10) == 1 and time.monotonic() - t0 < 5
+        assert f"process {watched.pid}, which started this one, has ended" in watcher.stderr.read()
+    finally:
+        for proc in (watched, watcher):
+            if proc.poll() is None:
+                proc.kill()
+
+
 def _cmdline(pid: str) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
