@@ -133,7 +133,7 @@ def test_torchrun_and_its_ranks_are_killed_at_the_job_timeout(digits_ls, monkeyp
     if timeout == 30:
         assert re.search(r"torchrun: .*epoch \d+/5000", caplog.text), "the ranks never trained: nothing was tested"
     assert ProjectStore(settings.model_dir, 1).current_version() is None
-    left = [pid for pid in os.listdir("/proc") if pid.isdigit() and settings.model_dir in _cmdline(pid)]
+    left = _processes_with(settings.model_dir)
     assert not left, f"processes of the job outlived it: {[_cmdline(pid) for pid in left]}"
 
 
@@ -163,13 +163,11 @@ def test_a_job_killed_with_sigkill_leaves_no_rank_training(digits_ls, monkeypatc
         while not re.search(r"torchrun: .*epoch \d+/5000", log.read_text()):
             assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-        ranks = [pid for pid in os.listdir("/proc") if pid.isdigit() and "model.train" in _cmdline(pid)
-                 and settings.model_dir in _cmdline(pid)]
-        assert ranks, "no rank of the job was found: nothing was tested"
+        assert _processes_with("model.train", settings.model_dir), "no rank of the job was found: nothing was tested"
         job.send_signal(signal.SIGKILL)
         job.wait(10)
         deadline = time.monotonic() + 30
-        while [pid for pid in os.listdir("/proc") if pid.isdigit() and settings.model_dir in _cmdline(pid)]:
+        while _processes_with(settings.model_dir):
             assert time.monotonic() < deadline, "the ranks outlived the job by 30 s"
             time.sleep(0.5)
     finally:
@@ -202,6 +200,11 @@ def test_exit_with_pid_ends_the_process_when_the_other_ends():
         for proc in (watched, watcher):
             if proc.poll() is None:
                 proc.kill()
+
+
+def _processes_with(*parts: str) -> list[str]:
+    """The pids whose command line holds every one of ``parts``."""
+    return [pid for pid in os.listdir("/proc") if pid.isdigit() and all(part in _cmdline(pid) for part in parts)]
 
 
 def _cmdline(pid: str) -> str:
