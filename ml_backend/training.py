@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -32,6 +31,8 @@ from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
+
+from model.processes import kill_process_tree
 
 from .images import ImageCache, ImageHostDown, cache_task_images, load_task_images
 from .labelconfig import LabelConfigInfo, parse_label_config
@@ -178,45 +179,6 @@ def train_with_torchrun(*, images=None, image_paths=None, channels: int, labels:
         raise TrainingProcessError("torchrun's scores.npz does not hold the job's samples in order")
     shutil.rmtree(work_dir, ignore_errors=True)      # the arrays were a copy; keep the version small
     return result
-
-
-def kill_process_tree(root: int) -> None:
-    """SIGKILL the process group of ``root`` and of each of its descendants.
-
-    torchrun's elastic agent starts every rank in a session of its own, so killing torchrun's
-    group left the ranks running after a job timeout: holding the GPU, and holding the output
-    pipe open, so that the job reading it never ended.  The descendants are found (Linux /proc)
-    before anything is killed: a killed parent's children are handed to init and no longer found.
-    """
-    tree = [root, *_descendants(root)]
-    for pid in tree:
-        for kill, target in ((os.killpg, pid), (os.kill, pid)):     # its group (its DataLoader workers), itself
-            try:
-                kill(target, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-def _descendants(root: int) -> list[int]:
-    """The pids below ``root`` in the process tree, from /proc (empty where there is no /proc)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = [entry for entry in os.listdir("/proc") if entry.isdigit()]
-    except OSError:
-        return []
-    for entry in entries:
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as fh:
-                parent = int(fh.read().rsplit(")", 1)[1].split()[1])      # the name may hold spaces and ')'
-        except (OSError, IndexError, ValueError):
-            continue                                                       # gone meanwhile
-        children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _num(x) -> float | None:

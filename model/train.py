@@ -33,15 +33,13 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
 from model.config import AUGMENTATIONS, SELECTION_MODES, EngineConfig
+from model.processes import exit_with
 
 logger = logging.getLogger("model.train")
 
@@ -114,42 +112,6 @@ def _train(args, base: EngineConfig | None, ctx, device: str, train_and_score) -
                     args.out / "scores.npz", ctx.world_size, int(np.sum(result.lnl_clean_mask)),
                     len(result.lnl_clean_mask))
     return 0
-
-
-def exit_with(pid: int, *, period: float = 2.0) -> None:
-    """End this process (exit status 1) once process ``pid`` has ended, from a daemon thread that
-    looks every ``period`` seconds; a pid reused by another process counts as ended (Linux: its
-    start time differs)."""
-    started = _start_time(pid)
-    if started is None:
-        raise SystemExit(f"--exit-with-pid: no process {pid}")
-
-    def watch():
-        while _start_time(pid) == started:
-            time.sleep(period)
-        print(f"process {pid}, which started this one, has ended: exiting", file=sys.stderr, flush=True)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-pid", daemon=True).start()
-
-
-def _start_time(pid: int):
-    """The start time of process ``pid`` (/proc), True where there is no /proc, None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[19])
-    except FileNotFoundError:
-        if os.path.isdir("/proc"):
-            return None
-    except (OSError, IndexError, ValueError):
-        return None
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return True
 
 
 def _base_config(value: str | None) -> EngineConfig | None:

@@ -184,7 +184,7 @@ def test_exit_with_pid_ends_the_process_when_the_other_ends():
     from tests.conftest import REPO
 
     watched = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    watcher = subprocess.Popen([sys.executable, "-c", f"import time, model.train as t; t.exit_with({watched.pid}, "
+    watcher = subprocess.Popen([sys.executable, "-c", f"import time, model.processes as t; t.exit_with({watched.pid}, "
                                 "period=0.2); print('watching', flush=True); time.sleep(120)"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
