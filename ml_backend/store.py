@@ -8,7 +8,8 @@ Layout::
         versions/<version>/meta.json         config, counts, timings
         CURRENT                              the served version's name (one line)
         .tmp-<version>/                      a version being written (never served)
-        refused-events/<time>-<id>.json      a webhook the training queue refused (redis down)
+        refused-events/<time>-<id>.json      a webhook the training queue refused (redis down); the newest
+                                             REFUSED_EVENTS_KEPT
 
 A version is written into ``.tmp-<version>`` and renamed into ``versions/`` only when all
 its files are complete; ``CURRENT`` is then replaced atomically (write a temp file +
@@ -33,6 +34,10 @@ from model.files import atomic_write
 logger = logging.getLogger(__name__)
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
+# Refused webhook events kept per project.  One record is enough to bring a training that reads
+# every task; the rest only count.  A day of redis down under a busy team (a webhook a second) would
+# otherwise leave ~86k files in one directory, listed by every /health and reconciliation check.
+REFUSED_EVENTS_KEPT = 1000
 
 
 def _version_number(name: str) -> int:
@@ -146,11 +151,20 @@ class ProjectStore:
         reads the tasks after it forgets it (:meth:`forget_refused_events`).
 
         One file per event: web processes never overwrite each other's, and the job forgets exactly
-        the events it listed before reading the tasks, never one recorded while it read them.
+        the events it listed before reading the tasks, never one recorded while it read them.  Past
+        ``REFUSED_EVENTS_KEPT`` the oldest records are dropped: the newest is the one a job may not
+        have seen, and any record still brings the training.
         """
         now = datetime.now(timezone.utc)
         path = self.refused_events_dir / f"{now.strftime('%Y%m%dT%H%M%S.%f')}-{uuid.uuid4().hex}.json"
         atomic_write_json(path, {"action": str(action), "refused_at": now.isoformat()})
+        events = self.refused_events()
+        if len(events) > REFUSED_EVENTS_KEPT:
+            dropped = events[:-REFUSED_EVENTS_KEPT]
+            self.forget_refused_events(dropped)
+            logger.warning("project %d: more than %d refused webhook events recorded; dropped the %d oldest "
+                           "(the newest bring the same training). Is redis down? See /health.",
+                           self.project_id, REFUSED_EVENTS_KEPT, len(dropped))
         return path
 
     def refused_events(self) -> list[Path]:

@@ -549,6 +549,24 @@ def test_a_job_forgets_only_the_refused_events_recorded_before_it_read_the_tasks
     assert store.refused_events() == during and before not in during
 
 
+def test_refused_events_are_capped_per_project_keeping_the_newest(tmp_path, monkeypatch, caplog):
+    """Redis down for a day under a busy team must not fill the disk with records: past the cap the
+    oldest go, the newest (the one a running job may not have seen) stays, and a job that listed a
+    dropped record still forgets the rest."""
+    from ml_backend import store as store_module
+
+    monkeypatch.setattr(store_module, "REFUSED_EVENTS_KEPT", 5)
+    store = ProjectStore(tmp_path, 3)
+    recorded = [store.record_refused_event("ANNOTATION_CREATED") for _ in range(5)]
+    listed_by_a_job = store.refused_events()
+    with caplog.at_level("WARNING", logger="ml_backend.store"):
+        recorded += [store.record_refused_event("ANNOTATION_UPDATED") for _ in range(3)]
+    assert store.refused_events() == recorded[-5:]
+    assert "dropped the 1 oldest" in caplog.text and "project 3" in caplog.text
+    store.forget_refused_events(listed_by_a_job)
+    assert store.refused_events() == recorded[-3:]
+
+
 @pytest.mark.parametrize("status", [404, 500])
 def test_without_the_project_summary_training_works_and_reconciliation_compares_counts(fake_ls, status, caplog):
     from ml_backend.ls_client import LabelStudioClient
