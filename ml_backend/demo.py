@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from model.processes import kill_process_tree
+
 logger = logging.getLogger("ml_backend.demo")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,9 +217,14 @@ class Stack:
         env.update(extra_env or {})         # may point LABEL_STUDIO_URL elsewhere (a proxy in the fault tests)
         self.backend_env = env
         self.start_web_app(timeout)
+        self.start_worker()
+
+    def start_worker(self, timeout: float = 30) -> None:
+        """One rq worker (again, after it was stopped or killed) with the environment of start_backend;
+        returns once the web app's /health counts it."""
         self._spawn("worker", [self.python, "-m", "rq.cli", "worker", "--url", self.redis_url,
-                               "alr-training"], env=env)
-        deadline = time.monotonic() + 30
+                               "alr-training"], env=self.backend_env)
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if requests.get(f"{self.backend_url}/health", auth=self.backend_auth, timeout=5).json()["queue"].get("workers"):
                 return
@@ -243,6 +250,13 @@ class Stack:
                     proc.wait(20)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process and everything it started, in their own sessions too (an rq worker's
+        work horse): a crash or an OOM kill, with no chance to clean up."""
+        proc = self.procs.pop(name)
+        kill_process_tree(proc.pid)
+        proc.wait(20)
 
 
 # -- Label Studio API --------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Label Studio failing while a version's predictions are pushed: the real server behind a
-fault-injecting proxy (standard library) that the backend and its worker talk to.
+"""Label Studio failing, or the worker killed, while a version's predictions are pushed: the
+real server behind a fault-injecting proxy (standard library) that the backend and its worker
+talk to.
 
 The push answers 500 from its second batch on: the job's retries fail, the half-pushed
 predictions are deleted, the project keeps serving the previous version.  When Label Studio
@@ -11,6 +12,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
+import sys
 import threading
 import time
 from collections import Counter
@@ -28,11 +30,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 class FaultProxy:
     """Forwards every request to Label Studio; while ``failing``, answers 500 to prediction
-    imports after the first ``pass_batches`` of each push."""
+    imports after the first ``pass_batches`` of each push; while ``holding``, holds those imports
+    unanswered (``held`` is set) until ``release`` is set, then answers 500."""
 
     def __init__(self, target: str):
         self.target = urlparse(target)
         self.failing = False
+        self.holding = False
+        self.held = threading.Event()
+        self.release = threading.Event()
         self.pass_batches = 1
         self.imports_seen = 0
         self.refused = 0
@@ -45,7 +51,11 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self.command == "POST" and "/import/predictions" in self.path:
                     outer.imports_seen += 1
-                    if outer.failing and outer.imports_seen > outer.pass_batches:
+                    held = outer.holding and outer.imports_seen > outer.pass_batches
+                    if held:
+                        outer.held.set()
+                        outer.release.wait(300)
+                    if held or (outer.failing and outer.imports_seen > outer.pass_batches):
                         outer.refused += 1
                         self.send_response(500)
                         self.send_header("Content-Length", "0")
@@ -70,7 +80,12 @@ class FaultProxy:
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                if not isinstance(sys.exc_info()[1], ConnectionError):    # a killed worker's socket: expected
+                    super().handle_error(request, client_address)
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
@@ -135,6 +150,47 @@ def test_a_failed_push_keeps_the_previous_version_and_the_next_push_completes(fa
           f"healed ({time.monotonic() - t0:.0f}s after the annotation)")
     per_task = Counter(p["task"] for p in ls.predictions(pid) if p["model_version"] == new)
     assert set(per_task) == set(faulty["truth"]) and set(per_task.values()) == {1}
+    meta = json.loads((store.version_dir(new) / "meta.json").read_text())
+    assert tid in meta["trusted_task_ids"] and meta["trained_task_labels"][str(tid)] == true
+    assert store.current_version() == new
+
+
+def test_a_worker_killed_mid_push_leaves_the_served_version_whole_and_a_new_worker_publishes(faulty):
+    """kill -9 of the worker and its work horse while Label Studio holds the second batch of a
+    version's predictions: nobody deletes the half push. Label Studio keeps serving the previous
+    version, whole; the running lock lapses, the watchdog queues the project again, a new worker
+    trains it and publishes a version with one prediction per task, the half-pushed one pruned."""
+    ls, pid, proxy, stack = faulty["ls"], faulty["project"], faulty["proxy"], faulty["stack"]
+    wait_idle(stack, pid)
+    store = ProjectStore(Path(faulty["workdir"]) / "models", pid)
+    before = ls.project(pid)["model_version"]
+    tid = next(t for t in faulty["truth"] if not ls.call("GET", f"/api/tasks/{t}/annotations"))
+    true = faulty["truth"][tid][1]
+    proxy.imports_seen, proxy.holding = 0, True
+    proxy.held.clear(), proxy.release.clear()
+    ls.call("POST", f"/api/tasks/{tid}/annotations", json={"result": [
+        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [str(true)]}}],
+        "was_cancelled": False})
+    assert proxy.held.wait(300), "the push never reached its second batch"
+    half = [v for v in ls.call("GET", f"/api/projects/{pid}/model-versions/") if v.startswith("alr-") and v != before]
+    assert len(half) == 1, half                          # the first batch of the version being pushed is in
+    t_kill = time.monotonic()
+    stack.kill("worker")
+    proxy.holding = False
+    proxy.release.set()
+    time.sleep(2)
+    # nothing cleaned up after the killed job, and nothing needed to: the stream still follows `before`
+    assert ls.project(pid)["model_version"] == before and store.current_version() == before
+    assert set(current_predictions(ls, pid, before)) == set(faulty["truth"])
+
+    stack.start_worker()
+    new = ls.wait_model_version(pid, not_in={before, *half}, timeout=300)
+    wait_idle(stack, pid)
+    new = ls.project(pid)["model_version"]
+    print(f"worker killed mid-push: version {new} published {time.monotonic() - t_kill:.0f}s after the kill")
+    per_task = Counter(p["task"] for p in ls.predictions(pid) if p["model_version"] == new)
+    assert set(per_task) == set(faulty["truth"]) and set(per_task.values()) == {1}
+    assert {v for v in ls.call("GET", f"/api/projects/{pid}/model-versions/") if v.startswith("alr-")} == {new}
     meta = json.loads((store.version_dir(new) / "meta.json").read_text())
     assert tid in meta["trusted_task_ids"] and meta["trained_task_labels"][str(tid)] == true
     assert store.current_version() == new
