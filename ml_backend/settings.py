@@ -82,6 +82,7 @@ class Settings:
     reopen_suspects: int = 50             # label_source=annotation: lowest-scored tasks reopened for review
     trust_ground_truth: bool = False      # annotations marked ground truth are trusted (LS marks imports so)
     keep_prediction_versions: int = 1     # this backend's versions whose predictions stay in LS; 0 = all
+    keep_checkpoints: int = 3             # versions on disk that keep their checkpoint (the current always); 0 = all
                                           # (not read from the environment yet)
     image_hosts: tuple[str, ...] = ()     # ALR_IMAGE_HOSTS: hosts besides Label Studio's images may come from
     request_timeout: float = 30.0         # seconds, each Label Studio API / image request
@@ -148,7 +149,7 @@ class Settings:
             raise ValueError(f"keep_prediction_versions must be >= 0, got {self.keep_prediction_versions!r}")
         for name, var in (("image_cache_max_mb", "ALR_IMAGE_CACHE_MAX_MB"), ("stream_above_tasks", "ALR_STREAM_ABOVE_TASKS"),
                           ("dataloader_workers", "ALR_DATALOADER_WORKERS"), ("train_processes", "ALR_TRAIN_PROCESSES"),
-                          ("reopen_suspects", "ALR_REOPEN_SUSPECTS")):
+                          ("reopen_suspects", "ALR_REOPEN_SUSPECTS"), ("keep_checkpoints", "ALR_KEEP_CHECKPOINTS")):
             if getattr(self, name) < 0:
                 raise ValueError(f"{var} must be >= 0, got {getattr(self, name)!r}")
         from model.data import RESIZE_MODES
@@ -239,6 +240,7 @@ _ENV = {
     "expert_user_ids": ("ALR_EXPERT_USER_IDS", lambda v: frozenset(int(x) for x in v.replace(",", " ").split())),
     "expert_emails": ("ALR_EXPERT_EMAILS", lambda v: frozenset(x.strip().lower() for x in v.split(",") if x.strip())),
     "relabel_budget": ("ALR_RELABEL_BUDGET", int),
+    "keep_checkpoints": ("ALR_KEEP_CHECKPOINTS", int),
     "preselect": ("ALR_PRESELECT", str),
     "set_sampling": ("ALR_SET_SAMPLING", _bool),
     "reopen_suspects": ("ALR_REOPEN_SUSPECTS", int),

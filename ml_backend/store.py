@@ -3,7 +3,8 @@
 Layout::
 
     <MODEL_DIR>/project-<id>/
-        versions/<version>/checkpoint.pt     the engine's checkpoint
+        versions/<version>/checkpoint.pt     the engine's checkpoint (of the current version and the newest
+                                             ALR_KEEP_CHECKPOINTS: Settings.keep_checkpoints)
         versions/<version>/results.json      per-task results /predict answers from
         versions/<version>/meta.json         config, counts, timings
         CURRENT                              the served version's name (one line)
@@ -129,6 +130,27 @@ class ProjectStore:
 
     def abort(self, tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
+
+    def prune_checkpoints(self, *, keep: int) -> list[str]:
+        """Delete the checkpoints of all but the newest ``keep`` versions (0 = keep all); the current
+        version's always stays.  Their results.json and meta.json stay: the report's progress over
+        versions reads those.  Returns the versions whose checkpoint was deleted.
+
+        A checkpoint holds both networks, their optimiser states and the best epoch's weights: a
+        ResNet-18's is a few hundred MB, and a project retrained after every burst of relabels
+        would fill the disk.  Only the current checkpoint is ever read (new tasks scored, the next
+        training's Phase 2 start); the previous ones guard a /predict that opened the version
+        just replaced."""
+        if keep <= 0:
+            return []
+        current = self.current_version()
+        pruned = []
+        for version in self.list_versions()[:-keep]:
+            checkpoint = self.version_dir(version) / "checkpoint.pt"
+            if version != current and checkpoint.exists():
+                checkpoint.unlink(missing_ok=True)
+                pruned.append(version)
+        return pruned
 
     def load_meta(self, version: str) -> dict:
         try:

@@ -472,6 +472,11 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
                            "it was until the next version", p, exc)
     push_seconds = time.monotonic() - t_push
     pruned = prune_prediction_versions(client, p, keep=settings.keep_prediction_versions, current=version)
+    try:
+        store.prune_checkpoints(keep=settings.keep_checkpoints)
+    except OSError as exc:        # the version is published; the next job prunes again
+        logger.warning("project %d: could not delete old versions' checkpoints (%s): they take disk space until "
+                       "the next training", p, exc)
     progress("done", 1.0)
     logger.info("project %d: pushed %d predictions in %.1fs; project model_version is now %s",
                 p, created, push_seconds, version)

@@ -111,12 +111,16 @@ def test_relabel_makes_task_trusted_and_phase_2(fake_ls):
     assert {p["model_version"] for p in fake_ls.predictions} == {summary["model_version"]}
 
 
-def test_keep_prediction_versions_zero_keeps_all(fake_ls):
-    settings = Settings.from_env().replace(keep_prediction_versions=0)
+def test_keep_prediction_versions_zero_keeps_all_and_keep_checkpoints_one_only_the_current(fake_ls):
+    settings = Settings.from_env().replace(keep_prediction_versions=0, keep_checkpoints=1)
+    store = ProjectStore(settings.model_dir, 1)
     first = run_training_job(1, settings=settings)["model_version"]
     fake_ls.annotate(200, "2")
     second = run_training_job(1, settings=settings)["model_version"]
     assert first != second and {p["model_version"] for p in fake_ls.predictions} == {first, second}
+    assert not (store.version_dir(first) / "checkpoint.pt").exists()
+    assert (store.version_dir(second) / "checkpoint.pt").exists()
+    assert store.load(first).meta["n_trusted"] == 0           # its results and meta stay, for the report
 
 
 def test_a_job_with_nothing_to_learn_keeps_the_version_and_a_train_request_retrains(fake_ls):

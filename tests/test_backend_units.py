@@ -376,3 +376,26 @@ def test_versions_are_listed_by_number_not_as_text(tmp_path):
         (store.versions_dir / name).mkdir(parents=True)
     assert store.list_versions() == ["alr-v1-20261130T070000", "alr-v2-20261130T071000", "alr-v10-20261130T090000"]
     assert store.next_version().startswith("alr-v11-")
+
+
+def test_old_checkpoints_are_pruned_but_the_current_and_every_versions_results_stay(tmp_path):
+    """Five versions, the current one old (a newer version's push was cut off): the newest three
+    and the current keep their checkpoint; every version keeps its results and meta."""
+    from ml_backend.store import ProjectStore
+
+    store = ProjectStore(tmp_path, 1)
+    names = [f"alr-v{n}-20261201T0{n}0000" for n in range(1, 6)]
+    for name in names:
+        tmp = store.begin(name)
+        for file in ("checkpoint.pt", "results.json", "meta.json"):
+            (tmp / file).write_text("{}")
+        store.commit(name, tmp, make_current=False)
+    store.set_current(names[0])
+    assert store.prune_checkpoints(keep=3) == [names[1]]
+    assert [(store.version_dir(v) / "checkpoint.pt").exists() for v in names] == [True, False, True, True, True]
+    assert all((store.version_dir(v) / f).exists() for v in names for f in ("results.json", "meta.json"))
+    assert store.prune_checkpoints(keep=0) == [] and store.prune_checkpoints(keep=3) == []
+    store.set_current(names[-1])
+    assert store.prune_checkpoints(keep=1) == [names[0], names[2], names[3]]
+    with pytest.raises(ValueError, match="ALR_KEEP_CHECKPOINTS"):
+        Settings.from_env({"ALR_KEEP_CHECKPOINTS": "-1"})
