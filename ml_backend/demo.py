@@ -222,7 +222,7 @@ class Stack:
     def start_worker(self, timeout: float = 30) -> None:
         """One rq worker (again, after it was stopped or killed) with the environment of start_backend;
         returns once the web app's /health counts it."""
-        self._spawn("worker", [self.python, "-m", "rq.cli", "worker", "--url", self.redis_url,
+        self._spawn("worker", [self.python, "-m", "ml_backend.worker", "--url", self.redis_url,
                                "alr-training"], env=self.backend_env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

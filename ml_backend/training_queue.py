@@ -80,7 +80,7 @@ class QueueUnavailable(RuntimeError):
 
 
 class RQTrainingQueue:
-    """Training jobs on an rq queue (run ``rq worker <RQ_QUEUE_NAME>``, see README)."""
+    """Training jobs on an rq queue (run ``python -m ml_backend.worker <RQ_QUEUE_NAME>``, see README)."""
 
     kind = "rq"
 
@@ -208,9 +208,9 @@ class RunningLock:
         while not self._stop.wait(self.ttl / 3):
             try:
                 self._lock.reacquire()
-            except Exception:      # noqa: BLE001 - lost the lock (redis restarted?): say so, keep training
-                logger.warning("project %d: could not renew the running lock; another job may start on it",
-                               self.project_id, exc_info=True)
+            except Exception as exc:      # noqa: BLE001 - lost the lock (redis restarted?): say so, keep training
+                logger.warning("project %d: could not renew the running lock (%s: %s); another job may start on it",
+                               self.project_id, type(exc).__name__, exc)
 
     def release(self) -> None:
         self._stop.set()

@@ -52,14 +52,15 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def start_redis_server(port: int, workdir) -> subprocess.Popen:
-    """A throw-away redis-server (no persistence) on 127.0.0.1:``port``, listening when this returns;
-    skips the test when redis-server is not installed."""
+def start_redis_server(port: int, workdir, *, appendonly: bool = False) -> subprocess.Popen:
+    """A throw-away redis-server on 127.0.0.1:``port``, listening when this returns; skips the test
+    when redis-server is not installed.  ``appendonly``: persisted in ``workdir`` as in production
+    (docker/), so that one restarted on the same folder has its keys back."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
+                             "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)

@@ -48,10 +48,10 @@ def fake_ls(rq_env, monkeypatch):
 
 @pytest.fixture
 def rq_worker(fake_ls, tmp_path):
-    """`rq worker` subprocess on the test queue, with the test's environment."""
+    """The training worker (`python -m ml_backend.worker`, rq's Worker) on the test queue, with the test's environment."""
     env = dict(os.environ, ALR_EPOCHS="60", PYTHONPATH=str(REPO))   # a job lasts seconds: bursts overlap it
     log = open(tmp_path / "worker.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "--url", os.environ["REDIS_URL"],
+    proc = subprocess.Popen([sys.executable, "-m", "ml_backend.worker", "--url", os.environ["REDIS_URL"],
                              "alr-test"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     conn = redis.Redis.from_url(os.environ["REDIS_URL"])
     from rq import Worker
@@ -181,7 +181,7 @@ def test_redis_down_webhook_is_503_with_message_and_server_stays_up(backend_env,
 def _start_worker(tmp_path, name: str, epochs: int) -> subprocess.Popen:
     env = dict(os.environ, ALR_EPOCHS=str(epochs), PYTHONPATH=str(REPO))
     log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "--url", os.environ["REDIS_URL"], "alr-test"],
+    return subprocess.Popen([sys.executable, "-m", "ml_backend.worker", "--url", os.environ["REDIS_URL"], "alr-test"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -352,3 +352,86 @@ def test_a_job_for_a_project_deleted_in_label_studio_fails_once_and_forgets_its_
     assert Job.fetch("train-99-1", connection=conn).get_status() == JobStatus.FAILED
     assert store.refused_events() == [] and not conn.exists("alr:train:99:dirty")
     assert Watchdog(queue, period=1).check_once() == [] and Reconciler(queue, settings).check_once() == []
+
+
+
+# epochs: 1000 last ~20 s on an idle 2-core machine (30 tiny images), longer than the 6 s to the restart
+@pytest.mark.parametrize("outage, epochs", [("mid-training", 1000), ("over the job's end", 150)])
+def test_redis_restarted_under_a_job_loses_nothing_and_the_worker_trains_on(fake_ls, tmp_path, monkeypatch, outage,
+                                                                             epochs):
+    """redis (append-only, as in docker/) stopped while a job trains and restarted on its files,
+    5 s later ("mid-training") or once the job has published and found redis gone when it came to
+    clear its dirty mark ("over the job's end"): the annotation reaches a model, the project ends
+    clean (no running lock, no dirty mark: the watchdog's re-run found nothing new), and the same
+    rq worker trains the next event."""
+    from tests.conftest import start_redis_server
+
+    port = free_port()
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    redis_proc = start_redis_server(port, redis_dir, appendonly=True)
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    monkeypatch.setenv("ALR_WATCHDOG_SECONDS", "1")
+    app = create_app()
+    client = app.test_client()
+    conn = redis.Redis.from_url(os.environ["REDIS_URL"])
+    worker = _start_worker(tmp_path, "worker", epochs=epochs)
+    store = ProjectStore(Settings.from_env().model_dir, 1)
+
+    def annotate(tid: int) -> None:
+        ann = fake_ls.annotate(tid, "2")
+        assert client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1},
+                                             "annotation": {**ann, "project": 1}}).status_code == 201
+
+    def wait_for_a_model_trusting(tid: int) -> str:
+        deadline = time.monotonic() + 600        # a hang guard, not a speed target
+        while True:
+            version = store.current_version()
+            if version and tid in store.load_meta(version)["trusted_task_ids"]:
+                return version
+            assert time.monotonic() < deadline, f"task {tid}'s annotation never reached a model"
+            time.sleep(0.2)
+
+    def wait_clean() -> None:
+        deadline = time.monotonic() + 120
+        while conn.get("alr:train:1:dirty") or conn.get("alr:train:1:running") or conn.get("alr:train:1:pending"):
+            assert time.monotonic() < deadline, "the project never ended clean"
+            time.sleep(0.2)
+
+    try:
+        annotate(7)
+        deadline = time.monotonic() + 60
+        while not conn.get("alr:train:1:running"):
+            assert time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        redis_proc.terminate()
+        redis_proc.wait(10)
+        if outage == "mid-training":
+            time.sleep(5)
+            assert store.current_version() is None, "the job ended before redis came back: lower the machine's load"
+        else:
+            wait_for_a_model_trusting(7)
+            time.sleep(3)                        # the job came to clear its dirty mark: redis refused
+        redis_proc = start_redis_server(port, redis_dir, appendonly=True)
+        t_back = time.monotonic()
+        version = wait_for_a_model_trusting(7)
+        wait_clean()
+        print(f"redis down {outage}: version {version}, project clean {time.monotonic() - t_back:.1f}s after redis came back")
+        assert fake_ls.projects[1]["model_version"] == version
+        assert worker.poll() is None, "the worker died with redis"
+        assert client.get("/health").get_json()["queue"]["workers"] == 1      # a dead worker is not counted
+        annotate(8)
+        second = wait_for_a_model_trusting(8)
+        wait_clean()
+        assert second != version and fake_ls.projects[1]["model_version"] == second
+        os.killpg(worker.pid, signal.SIGTERM)              # asked to stop, it stops: no new worker
+        assert worker.wait(30) == 0
+    finally:
+        app.extensions["alr_watchdog"].stop()
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(30)
+        redis_proc.terminate()
+        redis_proc.wait(10)
+        print((tmp_path / "worker.log").read_text()[-3000:])

@@ -315,17 +315,18 @@ def test_backend_command_is_gunicorn_serving_an_app_that_imports(compose, tmp_pa
         f"{app_spec} has no GET /health route (the health checks call it); routes: {sorted(rules)}"
 
 
-def test_worker_commands_run_rq_worker_on_the_job_queue(compose):
+def test_worker_commands_run_the_training_worker_on_the_job_queue(compose):
+    from ml_backend import worker
     from ml_backend.training_queue import RQTrainingQueue
 
-    scripts = {ep.name for ep in importlib.metadata.entry_points(group="console_scripts")}
-    assert "rq" in scripts, "the rq console script is not installed (setup.py install_requires)"
     for name in WORKERS:
         service = compose["services"][name]
         words = _shell_words(_command(service))
-        assert words[:2] == ["rq", "worker"], f"{name}: command must run `rq worker ...`, got {words}"
+        assert words[:3] == ["python", "-m", "ml_backend.worker"], \
+            f"{name}: command must run `python -m ml_backend.worker ...`, got {words}"
+        worker.build_parser().parse_args(words[3:])          # options the worker takes
         env = _service_env(service)
-        queues = [w for w in words[2:] if not w.startswith("-")]
+        queues = [w for w in words[3:] if not w.startswith("-")]
         url_idx = [i for i, w in enumerate(words) if w in ("--url", "-u")]
         url_args = {words[i + 1] for i in url_idx}
         queues = [q for q in queues if q not in url_args]
@@ -333,8 +334,8 @@ def test_worker_commands_run_rq_worker_on_the_job_queue(compose):
             f"{name}: the worker must listen on $RQ_QUEUE_NAME (the queue the backend enqueues on), got {queues}"
         assert "RQ_QUEUE_NAME" in env, f"{name}: RQ_QUEUE_NAME is not in its environment"
         assert url_args == {"$REDIS_URL"}, \
-            f"{name}: `rq worker --url` must be $REDIS_URL (what the backend connects with), got {url_args}"
-        assert env.get("REDIS_URL"), f"{name}: REDIS_URL must be set (the rq CLI needs a URL)"
+            f"{name}: the worker's --url must be $REDIS_URL (what the backend connects with), got {url_args}"
+        assert env.get("REDIS_URL"), f"{name}: REDIS_URL must be set (the command passes it)"
 
     job_func = inspect.signature(RQTrainingQueue.__init__).parameters["job_func"].default
     module_name, _, func_name = job_func.rpartition(".")
