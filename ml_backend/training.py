@@ -346,6 +346,16 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         logger.info("project %d: no label, task, labelling config or setting changed since version %s (reason: "
                     "%s): not retraining. A TRAIN request retrains anyway.", p, previous, reason or "-")
         return {"status": "unchanged", "project": p, "model_version": previous}
+    trained = None if forced else unpublished_version(store, inputs)
+    if trained:
+        logger.warning("project %d: version %s was trained on these very inputs but never published (Label Studio "
+                       "went away during its push?): publishing it now instead of training again", p, trained)
+        store.update_meta(trained, annotation_state=annotations_before)
+        results = store.load(trained)
+        client.delete_prediction_version(p, trained)      # what a job killed mid-push left of it
+        served = serve_version(client, store, p, trained, results.items, info, settings, progress)
+        return {"status": "published", "project": p, "model_version": trained, **served,
+                "seconds": round(time.monotonic() - t0, 2)}
 
     progress("download", 0.0)
     logger.info("project %d: images made %d x %d px by %s, %s (ALR_IMAGE_SIZE, ALR_RESIZE, ALR_CHANNELS); "
@@ -454,7 +464,31 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         raise
     logger.info("project %d: model version %s saved (phase %d, %d trained, %d trusted)", p, version,
                 phase, len(train_pos), n_trusted)
+    served = serve_version(client, store, p, version, records, info, settings, progress)
+    return {"status": "trained", "project": p, "model_version": version, "phase": phase,
+            "n_trained": len(train_pos), "n_trusted": n_trusted, "skipped_images": len(errors), **served,
+            "seconds": round(time.monotonic() - t0, 2)}
 
+
+def unpublished_version(store: ProjectStore, inputs: str) -> str | None:
+    """The newest version on disk, newer than the served one, trained on exactly ``inputs`` but never
+    published (its push failed: Label Studio went away after the training); None if there is none.
+    Its checkpoint must be there (new tasks are scored with it, the next training starts from it)."""
+    current = store.current_version()
+    versions = store.list_versions()
+    newer = versions[versions.index(current) + 1:] if current in versions else versions
+    for version in reversed(newer):
+        if (store.load_meta(version).get("training_inputs") == inputs
+                and (store.version_dir(version) / "checkpoint.pt").exists()):
+            return version
+    return None
+
+
+def serve_version(client: LabelStudioClient, store: ProjectStore, p: int, version: str, records: dict[int, dict],
+                  info: LabelConfigInfo, settings: Settings, progress: Callable[[str, float], None]) -> dict:
+    """Publish a version on disk to Label Studio (all or nothing, :func:`publish_version`), make it the
+    backend's CURRENT, point the review at it, and prune older predictions and checkpoints.
+    Returns the figures of the push for the job's summary."""
     progress("push predictions", 0.0)
     t_push = time.monotonic()
     created = publish_version(client, p, version, records, info, settings)
@@ -480,11 +514,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     progress("done", 1.0)
     logger.info("project %d: pushed %d predictions in %.1fs; project model_version is now %s",
                 p, created, push_seconds, version)
-    return {"status": "trained", "project": p, "model_version": version, "phase": phase,
-            "n_trained": len(train_pos), "n_trusted": n_trusted, "predictions": created,
-            "skipped_images": len(errors), "push_seconds": round(push_seconds, 2),
-            "pruned_versions": pruned,
-            "seconds": round(time.monotonic() - t0, 2)}
+    return {"predictions": created, "push_seconds": round(push_seconds, 2), "pruned_versions": pruned}
 
 
 def publish_version(client: LabelStudioClient, project_id: int, version: str, records: dict[int, dict],

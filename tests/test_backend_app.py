@@ -111,6 +111,41 @@ def test_relabel_makes_task_trusted_and_phase_2(fake_ls):
     assert {p["model_version"] for p in fake_ls.predictions} == {summary["model_version"]}
 
 
+def test_a_version_whose_push_failed_is_published_by_the_next_job_without_training_again(fake_ls):
+    """Label Studio goes away while a trained version's predictions are pushed: the job fails and the
+    previous version stays served. The next job, on unchanged inputs, publishes that version as it
+    is (no image fetched, nothing trained); once an input changes, it trains again."""
+    from ml_backend.ls_client import LabelStudioError
+
+    settings = Settings.from_env()
+    store = ProjectStore(settings.model_dir, 1)
+    first = run_training_job(1, settings=settings)["model_version"]
+    fake_ls.annotate(200, "2")
+    fake_ls.import_failures = 100
+    with pytest.raises(LabelStudioError):
+        run_training_job(1, settings=settings)
+    trained = store.list_versions()[-1]
+    assert trained != first and store.current_version() == first == fake_ls.projects[1]["model_version"]
+    assert {p["model_version"] for p in fake_ls.predictions} == {first}     # the half push was deleted
+
+    fake_ls.import_failures = 0
+    downloads = fake_ls.image_requests
+    summary = run_training_job(1, settings=settings, reason="RECOVER")
+    assert summary["status"] == "published" and summary["model_version"] == trained
+    assert fake_ls.image_requests == downloads and store.list_versions()[-1] == trained
+    assert store.current_version() == trained == fake_ls.projects[1]["model_version"]
+    assert {p["task"] for p in fake_ls.predictions if p["model_version"] == trained} == set(store.load(trained).items)
+    assert 200 in store.load_meta(trained)["trusted_task_ids"]
+
+    fake_ls.import_failures = 100                                   # fails again, then an input changes
+    fake_ls.annotate(201, "0")
+    with pytest.raises(LabelStudioError):
+        run_training_job(1, settings=settings)
+    fake_ls.import_failures = 0
+    fake_ls.annotate(202, "1")
+    assert run_training_job(1, settings=settings)["status"] == "trained"
+
+
 def test_keep_prediction_versions_zero_keeps_all_and_keep_checkpoints_one_only_the_current(fake_ls):
     settings = Settings.from_env().replace(keep_prediction_versions=0, keep_checkpoints=1)
     store = ProjectStore(settings.model_dir, 1)

@@ -58,6 +58,7 @@ class FakeLabelStudio:
         self.seen_auth: list[str] = []
         self.summary_status = 200            # /api/projects/<id>/summary/: set 404 or 500 to take it away
         self.image_failures = 0              # the next this many /data/upload/ requests get 503 (an overloaded host)
+        self.import_failures = 0             # the next this many prediction imports get 503 (Label Studio going away)
         self.image_requests = 0
         self._next_annotation = 1
         self._clock = 0                      # updated_at of tasks: bumped like Label Studio's (see touch)
@@ -209,6 +210,9 @@ class FakeLabelStudio:
             items = request.get_json()
             with fake.lock:
                 fake.prediction_requests += 1
+                if fake.import_failures > 0:
+                    fake.import_failures -= 1
+                    return jsonify({"detail": "service unavailable"}), 503
                 for item in items:
                     if fake.tasks.get(item["task"], {}).get("project") != pid:
                         return jsonify({"detail": f"task {item['task']} not found"}), 400

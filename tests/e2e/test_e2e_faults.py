@@ -4,8 +4,9 @@ talk to.
 
 The push answers 500 from its second batch on: the job's retries fail, the half-pushed
 predictions are deleted, the project keeps serving the previous version.  When Label Studio
-heals, the project is trained and published again without a new event (the job left its project
-dirty; the web app's watchdog queues it), with exactly one prediction per task.
+heals, the version trained before the failure is published without a new event (the job left its
+project dirty; the web app's watchdog queues it) and without training again, with exactly one
+prediction per task.
 """
 from __future__ import annotations
 
@@ -140,6 +141,7 @@ def test_a_failed_push_keeps_the_previous_version_and_the_next_push_completes(fa
     versions = ls.call("GET", f"/api/projects/{pid}/model-versions/")
     assert set(v for v in versions if v.startswith("alr-")) <= {before}, versions
     assert set(current_predictions(ls, pid, before)) == set(faulty["truth"])
+    trained = store.list_versions()[-1]        # trained, never published
 
     proxy.failing = False                      # Label Studio heals: no new event is sent
     healed = time.monotonic()
@@ -153,13 +155,16 @@ def test_a_failed_push_keeps_the_previous_version_and_the_next_push_completes(fa
     meta = json.loads((store.version_dir(new) / "meta.json").read_text())
     assert tid in meta["trusted_task_ids"] and meta["trained_task_labels"][str(tid)] == true
     assert store.current_version() == new
+    # the version trained before the push failed is the one published: the re-runs trained nothing
+    assert new == trained and store.list_versions()[-2:] == [before, trained]
 
 
 def test_a_worker_killed_mid_push_leaves_the_served_version_whole_and_a_new_worker_publishes(faulty):
     """kill -9 of the worker and its work horse while Label Studio holds the second batch of a
     version's predictions: nobody deletes the half push. Label Studio keeps serving the previous
-    version, whole; the running lock lapses, the watchdog queues the project again, a new worker
-    trains it and publishes a version with one prediction per task, the half-pushed one pruned."""
+    version, whole; the running lock lapses, the watchdog queues the project again, and a new
+    worker publishes the version the killed job trained, without training it again, with one
+    prediction per task (the killed job's first batch replaced, not doubled)."""
     ls, pid, proxy, stack = faulty["ls"], faulty["project"], faulty["proxy"], faulty["stack"]
     wait_idle(stack, pid)
     store = ProjectStore(Path(faulty["workdir"]) / "models", pid)
@@ -184,10 +189,11 @@ def test_a_worker_killed_mid_push_leaves_the_served_version_whole_and_a_new_work
     assert set(current_predictions(ls, pid, before)) == set(faulty["truth"])
 
     stack.start_worker()
-    new = ls.wait_model_version(pid, not_in={before, *half}, timeout=300)
+    new = ls.wait_model_version(pid, not_in={before}, timeout=300)
     wait_idle(stack, pid)
     new = ls.project(pid)["model_version"]
     print(f"worker killed mid-push: version {new} published {time.monotonic() - t_kill:.0f}s after the kill")
+    assert [new] == half and store.list_versions()[-2:] == [before, new]
     per_task = Counter(p["task"] for p in ls.predictions(pid) if p["model_version"] == new)
     assert set(per_task) == set(faulty["truth"]) and set(per_task.values()) == {1}
     assert {v for v in ls.call("GET", f"/api/projects/{pid}/model-versions/") if v.startswith("alr-")} == {new}
