@@ -98,6 +98,11 @@ class TrainingProcessError(RuntimeError):
     """The torchrun training subprocess failed or ran out of time (the message has its last output)."""
 
 
+class SupersededError(RuntimeError):
+    """The job lost its project to another job before publishing (``may_publish`` said no): its
+    version stays on disk, unpublished; the other job publishes (or a later one, without training)."""
+
+
 _EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)")
 
 
@@ -293,11 +298,14 @@ def unreachable_allowance(num_tasks: int) -> int:
 
 
 def run_training_job(project_id: int, *, settings: Settings | None = None, reason: str = "",
-                     progress: Progress | None = None, client: LabelStudioClient | None = None) -> dict:
+                     progress: Progress | None = None, client: LabelStudioClient | None = None,
+                     may_publish: Callable[[], bool] | None = None) -> dict:
     """Train (Phase 1 first, Phase 2 fine-tuning after), publish a version, push predictions.
 
     Returns a summary dict (also the rq job result).  Raises on errors that must fail the
     job (Label Studio unreachable, bad key, bad config); a half-written version is removed.
+    ``may_publish`` is asked right before a version is published (the rq job: does it still hold
+    its project's running lock?); False raises :class:`SupersededError`.
     """
     settings = settings or Settings.from_env()
     progress = progress or _JobProgress()
@@ -348,12 +356,12 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         return {"status": "unchanged", "project": p, "model_version": previous}
     trained = None if forced else unpublished_version(store, inputs)
     if trained:
-        logger.warning("project %d: version %s was trained on these very inputs but never published (Label Studio "
-                       "went away during its push?): publishing it now instead of training again", p, trained)
+        logger.warning("project %d: version %s was trained on these very inputs but never published (its push failed, "
+                       "or its job lost the project to another): publishing it now instead of training again", p, trained)
         store.update_meta(trained, annotation_state=annotations_before)
         results = store.load(trained)
         client.delete_prediction_version(p, trained)      # what a job killed mid-push left of it
-        served = serve_version(client, store, p, trained, results.items, info, settings, progress)
+        served = serve_version(client, store, p, trained, results.items, info, settings, progress, may_publish)
         return {"status": "published", "project": p, "model_version": trained, **served,
                 "seconds": round(time.monotonic() - t0, 2)}
 
@@ -464,7 +472,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         raise
     logger.info("project %d: model version %s saved (phase %d, %d trained, %d trusted)", p, version,
                 phase, len(train_pos), n_trusted)
-    served = serve_version(client, store, p, version, records, info, settings, progress)
+    served = serve_version(client, store, p, version, records, info, settings, progress, may_publish)
     return {"status": "trained", "project": p, "model_version": version, "phase": phase,
             "n_trained": len(train_pos), "n_trusted": n_trusted, "skipped_images": len(errors), **served,
             "seconds": round(time.monotonic() - t0, 2)}
@@ -485,10 +493,15 @@ def unpublished_version(store: ProjectStore, inputs: str) -> str | None:
 
 
 def serve_version(client: LabelStudioClient, store: ProjectStore, p: int, version: str, records: dict[int, dict],
-                  info: LabelConfigInfo, settings: Settings, progress: Callable[[str, float], None]) -> dict:
+                  info: LabelConfigInfo, settings: Settings, progress: Progress,
+                  may_publish: Callable[[], bool] | None = None) -> dict:
     """Publish a version on disk to Label Studio (all or nothing, :func:`publish_version`), make it the
     backend's CURRENT, point the review at it, and prune older predictions and checkpoints.
-    Returns the figures of the push for the job's summary."""
+    Returns the figures of the push for the job's summary; raises :class:`SupersededError` when
+    ``may_publish`` says no."""
+    if may_publish is not None and not may_publish():
+        raise SupersededError(f"project {p}: another job took the project over before version {version} was "
+                              "published; it stays on disk unpublished")
     progress("push predictions", 0.0)
     t_push = time.monotonic()
     created = publish_version(client, p, version, records, info, settings)
@@ -609,7 +622,11 @@ def train_project_job(project_id: int, reason: str = "") -> dict:
         mark_dirty(job.connection, project_id, job.id)
         _, reasons = _claimed_events(job, project_id, reason)
         try:
-            result = run_training_job(project_id, settings=settings, reason=reasons, progress=progress)
+            result = run_training_job(project_id, settings=settings, reason=reasons, progress=progress,
+                                      may_publish=lock.still_held)
+        except SupersededError as exc:
+            logger.warning("%s", exc)       # the project's dirty mark is the other job's now: left as it is
+            return {"status": "superseded", "project": int(project_id)}
         except LabelStudioError as exc:
             if not exc.transient:                        # the project is gone or the key cannot read it
                 clear_dirty(job.connection, project_id)  # fail once, do not loop

@@ -185,6 +185,11 @@ class RunningLock:
     ``acquire()`` waits ``LOCK_WAIT_SECONDS`` at most; while held, the lock's TTL
     (``RUNNING_LOCK_TTL``) is renewed every third of it, so it outlives a long job but expires
     within the TTL of its holder's death (SIGKILL, OOM kill, machine gone).
+
+    redis away for longer than the TTL lets the lock lapse under a job that lives on: once redis
+    answers, :meth:`still_held` takes it back if it is free, or finds that another job took it
+    (the web app's watchdog queued the project again and a second worker started it). From then
+    on the lock is ``lost`` for good: the job must not publish, the other one trains on newer labels.
     """
 
     def __init__(self, connection, project_id: int, *, ttl: int = RUNNING_LOCK_TTL):
@@ -194,6 +199,8 @@ class RunningLock:
         # (with redis-py's default, reacquire() from that thread fails and the lock lapses after ttl)
         self._lock = connection.lock(_key(project_id, "running"), timeout=ttl, blocking_timeout=LOCK_WAIT_SECONDS,
                                      thread_local=False)
+        self._renewing = threading.Lock()     # the heartbeat and the job both call still_held()
+        self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -204,18 +211,50 @@ class RunningLock:
         self._thread.start()
         return True
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
+    def still_held(self) -> bool:
+        """Renew the lock; if it lapsed, take it back when free. False once another job holds it.
+        With redis unreachable the answer is True: nobody else can take the lock meanwhile."""
+        from redis.exceptions import LockNotOwnedError, RedisError
+
+        with self._renewing:
+            if self.lost.is_set():
+                return False
             try:
                 self._lock.reacquire()
-            except Exception as exc:      # noqa: BLE001 - lost the lock (redis restarted?): say so, keep training
-                logger.warning("project %d: could not renew the running lock (%s: %s); another job may start on it",
+                return True
+            except LockNotOwnedError:
+                pass
+            except RedisError as exc:
+                logger.warning("project %d: could not renew the running lock (%s: %s); it lapses %d s after "
+                               "redis went away, and another job may then start on the project",
+                               self.project_id, type(exc).__name__, exc, self.ttl)
+                return True
+            try:
+                if self._lock.acquire(blocking=False, token=self._lock.local.token):
+                    logger.warning("project %d: the running lock lapsed while redis was away; taken back",
+                                   self.project_id)
+                    return True
+            except RedisError as exc:
+                logger.warning("project %d: could not take the lapsed running lock back (%s: %s)",
                                self.project_id, type(exc).__name__, exc)
+                return True
+            self.lost.set()
+            logger.error("project %d: the running lock lapsed while redis was away and another job holds it now: "
+                         "this job will not publish its version (the other one trains on the newer labels)",
+                         self.project_id)
+            return False
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            if not self.still_held():
+                return
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        if self.lost.is_set():
+            return                 # the other job's now
         try:
             self._lock.release()
         except Exception:          # noqa: BLE001 - expired or redis gone: it frees itself

@@ -125,6 +125,34 @@ def test_the_running_lock_outlives_its_ttl_while_held_and_lapses_after_its_holde
     conn.delete("alr:train:5:dirty")
 
 
+def test_a_lapsed_running_lock_is_taken_back_when_free_and_lost_for_good_when_another_job_took_it(rq_env, caplog):
+    """The key expired under a live job (redis away for longer than the TTL): still_held() takes it
+    back if nobody holds it; if another job does, the lock is lost, and releasing it frees nothing."""
+    from ml_backend.training_queue import RunningLock
+
+    conn = redis.Redis.from_url(rq_env)
+    key = "alr:train:9:running"
+    lock = RunningLock(conn, 9)
+    assert lock.acquire()
+    token = conn.get(key)
+    try:
+        conn.delete(key)                                  # what redis' expiry did while it was away
+        assert lock.still_held() and conn.get(key) == token and conn.ttl(key) > 0
+        assert "taken back" in caplog.text
+        conn.delete(key)
+        other = RunningLock(conn, 9)                       # a second worker's job, queued by the watchdog
+        assert other.acquire()
+        assert not lock.still_held() and lock.lost.is_set()
+        held_by_other = conn.get(key)
+        lock.release()                                    # frees nothing: the lock is the other job's
+        assert conn.get(key) == held_by_other != token
+        other.release()
+        assert not lock.still_held() and not conn.exists(key)     # lost for good, even once free again
+    finally:
+        lock._stop.set()
+        conn.delete(key)
+
+
 def test_burst_of_50_webhooks_at_most_2_jobs_final_model_has_every_annotation(fake_ls, rq_worker):
     client = create_app().test_client()
     conn = redis.Redis.from_url(os.environ["REDIS_URL"])
@@ -355,6 +383,74 @@ def test_a_job_for_a_project_deleted_in_label_studio_fails_once_and_forgets_its_
 
 
 
+class _RedisRestartProject:
+    """Project 1 of the fake Label Studio behind the web app (test client, watchdog every second) and
+    one training worker, on a redis-server (append-only, as in docker/) that the test stops and
+    restarts on its files."""
+
+    def __init__(self, fake_ls, tmp_path, monkeypatch, *, epochs: int):
+        from tests.conftest import start_redis_server
+
+        self.fake_ls, self.tmp_path = fake_ls, tmp_path
+        self.port = free_port()
+        self.redis_dir = tmp_path / "redis"
+        self.redis_dir.mkdir()
+        self.redis_proc = start_redis_server(self.port, self.redis_dir, appendonly=True)
+        monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{self.port}/0")
+        monkeypatch.setenv("ALR_WATCHDOG_SECONDS", "1")
+        self.app = create_app()
+        self.client = self.app.test_client()
+        self.conn = redis.Redis.from_url(os.environ["REDIS_URL"])
+        self.worker = _start_worker(tmp_path, "worker", epochs=epochs)
+        self.store = ProjectStore(Settings.from_env().model_dir, 1)
+
+    def stop_redis(self) -> None:
+        self.redis_proc.terminate()
+        self.redis_proc.wait(10)
+
+    def start_redis(self) -> None:
+        from tests.conftest import start_redis_server
+
+        self.redis_proc = start_redis_server(self.port, self.redis_dir, appendonly=True)
+
+    def annotate(self, tid: int) -> None:
+        ann = self.fake_ls.annotate(tid, "2")
+        assert self.client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1},
+                                                  "annotation": {**ann, "project": 1}}).status_code == 201
+
+    def wait_training(self) -> str:
+        """Wait until a job holds the project's running lock; its job id."""
+        deadline = time.monotonic() + 60
+        while not (self.conn.get("alr:train:1:running") and self.conn.get("alr:train:1:dirty")):
+            assert time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.1)
+        return self.conn.get("alr:train:1:dirty").decode()
+
+    def wait_for_a_model_trusting(self, tid: int) -> str:
+        deadline = time.monotonic() + 600        # a hang guard, not a speed target
+        while True:
+            version = self.store.current_version()
+            if version and tid in self.store.load_meta(version)["trusted_task_ids"]:
+                return version
+            assert time.monotonic() < deadline, f"task {tid}'s annotation never reached a model"
+            time.sleep(0.2)
+
+    def wait_clean(self) -> None:
+        deadline = time.monotonic() + 120
+        while any(self.conn.get(f"alr:train:1:{k}") for k in ("dirty", "running", "pending")):
+            assert time.monotonic() < deadline, "the project never ended clean"
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.app.extensions["alr_watchdog"].stop()
+        if self.worker.poll() is None:
+            os.killpg(self.worker.pid, signal.SIGTERM)
+            self.worker.wait(30)
+        self.redis_proc.terminate()
+        self.redis_proc.wait(10)
+        print((self.tmp_path / "worker.log").read_text()[-3000:])
+
+
 # epochs: 1000 last ~20 s on an idle 2-core machine (30 tiny images), longer than the 6 s to the restart
 @pytest.mark.parametrize("outage, epochs", [("mid-training", 1000), ("over the job's end", 150)])
 def test_redis_restarted_under_a_job_loses_nothing_and_the_worker_trains_on(fake_ls, tmp_path, monkeypatch, outage,
@@ -364,74 +460,81 @@ def test_redis_restarted_under_a_job_loses_nothing_and_the_worker_trains_on(fake
     clear its dirty mark ("over the job's end"): the annotation reaches a model, the project ends
     clean (no running lock, no dirty mark: the watchdog's re-run found nothing new), and the same
     rq worker trains the next event."""
-    from tests.conftest import start_redis_server
-
-    port = free_port()
-    redis_dir = tmp_path / "redis"
-    redis_dir.mkdir()
-    redis_proc = start_redis_server(port, redis_dir, appendonly=True)
-    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
-    monkeypatch.setenv("ALR_WATCHDOG_SECONDS", "1")
-    app = create_app()
-    client = app.test_client()
-    conn = redis.Redis.from_url(os.environ["REDIS_URL"])
-    worker = _start_worker(tmp_path, "worker", epochs=epochs)
-    store = ProjectStore(Settings.from_env().model_dir, 1)
-
-    def annotate(tid: int) -> None:
-        ann = fake_ls.annotate(tid, "2")
-        assert client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1},
-                                             "annotation": {**ann, "project": 1}}).status_code == 201
-
-    def wait_for_a_model_trusting(tid: int) -> str:
-        deadline = time.monotonic() + 600        # a hang guard, not a speed target
-        while True:
-            version = store.current_version()
-            if version and tid in store.load_meta(version)["trusted_task_ids"]:
-                return version
-            assert time.monotonic() < deadline, f"task {tid}'s annotation never reached a model"
-            time.sleep(0.2)
-
-    def wait_clean() -> None:
-        deadline = time.monotonic() + 120
-        while conn.get("alr:train:1:dirty") or conn.get("alr:train:1:running") or conn.get("alr:train:1:pending"):
-            assert time.monotonic() < deadline, "the project never ended clean"
-            time.sleep(0.2)
-
+    stack = _RedisRestartProject(fake_ls, tmp_path, monkeypatch, epochs=epochs)
     try:
-        annotate(7)
-        deadline = time.monotonic() + 60
-        while not conn.get("alr:train:1:running"):
-            assert time.monotonic() < deadline, "the job did not start"
-            time.sleep(0.1)
+        stack.annotate(7)
+        stack.wait_training()
         time.sleep(1.0)
-        redis_proc.terminate()
-        redis_proc.wait(10)
+        stack.stop_redis()
         if outage == "mid-training":
             time.sleep(5)
-            assert store.current_version() is None, "the job ended before redis came back: lower the machine's load"
+            assert stack.store.current_version() is None, "the job ended before redis came back: lower the machine's load"
         else:
-            wait_for_a_model_trusting(7)
+            stack.wait_for_a_model_trusting(7)
             time.sleep(3)                        # the job came to clear its dirty mark: redis refused
-        redis_proc = start_redis_server(port, redis_dir, appendonly=True)
+        stack.start_redis()
         t_back = time.monotonic()
-        version = wait_for_a_model_trusting(7)
-        wait_clean()
+        version = stack.wait_for_a_model_trusting(7)
+        stack.wait_clean()
         print(f"redis down {outage}: version {version}, project clean {time.monotonic() - t_back:.1f}s after redis came back")
         assert fake_ls.projects[1]["model_version"] == version
-        assert worker.poll() is None, "the worker died with redis"
-        assert client.get("/health").get_json()["queue"]["workers"] == 1      # a dead worker is not counted
-        annotate(8)
-        second = wait_for_a_model_trusting(8)
-        wait_clean()
+        assert stack.worker.poll() is None, "the worker died with redis"
+        assert stack.client.get("/health").get_json()["queue"]["workers"] == 1      # a dead worker is not counted
+        stack.annotate(8)
+        second = stack.wait_for_a_model_trusting(8)
+        stack.wait_clean()
         assert second != version and fake_ls.projects[1]["model_version"] == second
-        os.killpg(worker.pid, signal.SIGTERM)              # asked to stop, it stops: no new worker
-        assert worker.wait(30) == 0
+        os.killpg(stack.worker.pid, signal.SIGTERM)              # asked to stop, it stops: no new worker
+        assert stack.worker.wait(30) == 0
     finally:
-        app.extensions["alr_watchdog"].stop()
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(30)
-        redis_proc.terminate()
-        redis_proc.wait(10)
-        print((tmp_path / "worker.log").read_text()[-3000:])
+        stack.close()
+
+
+# 4000 epochs last ~80 s on an idle 2-core machine: the job outlives the outage of the lock's TTL
+def test_a_job_whose_lock_lapsed_and_was_taken_publishes_nothing_and_its_version_is_published_later(
+        fake_ls, tmp_path, monkeypatch):
+    """redis away for longer than the running lock's TTL under a training job: the lock lapses, and
+    once redis is back a second worker's job could take the project (here the test takes the lock,
+    as that job would). The first job trains to the end but publishes nothing: it ends
+    `superseded`, its version on disk, the project still marked dirty. Once the lock is free, the
+    watchdog queues the project and the next job publishes that version without training it again."""
+    from ml_backend.training_queue import RUNNING_LOCK_TTL
+
+    stack = _RedisRestartProject(fake_ls, tmp_path, monkeypatch, epochs=4000)
+    try:
+        stack.annotate(7)
+        job_id = stack.wait_training()
+        time.sleep(1.0)
+        stack.stop_redis()
+        time.sleep(RUNNING_LOCK_TTL + 3)
+        assert not stack.store.list_versions(), "the job ended before redis came back: lower the machine's load"
+        stack.start_redis()
+        deadline = time.monotonic() + 10
+        while True:                                   # redis may answer LOADING for a moment
+            try:
+                took = stack.conn.set("alr:train:1:running", b"another-job", nx=True, ex=600)
+                break
+            except redis.exceptions.BusyLoadingError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert took, "the lapsed lock was taken back before the test could take it (a heartbeat in that instant)"
+        deadline = time.monotonic() + 600             # a hang guard: the job trains to its end
+        while (result := Job.fetch(job_id, connection=stack.conn).return_value()) is None:
+            assert time.monotonic() < deadline, "the job never ended"
+            time.sleep(0.5)
+        assert result == {"status": "superseded", "project": 1}
+        [trained] = stack.store.list_versions()
+        assert stack.store.current_version() is None and not fake_ls.projects[1].get("model_version")
+        assert not fake_ls.predictions and stack.conn.get("alr:train:1:dirty").decode() == job_id
+        downloads = fake_ls.image_requests
+
+        stack.conn.delete("alr:train:1:running")     # the other job ends (here: dies) and frees the lock
+        assert stack.wait_for_a_model_trusting(7) == trained
+        stack.wait_clean()
+        assert fake_ls.projects[1]["model_version"] == trained and fake_ls.image_requests == downloads
+        assert stack.store.list_versions() == [trained]
+        assert {p["task"] for p in fake_ls.predictions} == set(fake_ls.tasks)
+        log = (tmp_path / "worker.log").read_text()
+        assert "will not publish" in log and "publishing it now instead of training again" in log
+    finally:
+        stack.close()
