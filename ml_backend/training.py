@@ -99,8 +99,9 @@ class TrainingProcessError(RuntimeError):
 
 
 class SupersededError(RuntimeError):
-    """The job lost its project to another job before publishing (``may_publish`` said no): its
-    version stays on disk, unpublished; the other job publishes (or a later one, without training)."""
+    """The job lost its project to another job (its running lock lapsed while redis was away and the
+    other took it): stopped mid-training, or, found only at publish time (``may_publish`` said no),
+    its version stays on disk unpublished (a later job on the same inputs publishes it, no training)."""
 
 
 _EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)")
@@ -261,14 +262,20 @@ def prediction_for(record: dict, info: LabelConfigInfo, version: str, *, presele
 
 
 class _JobProgress:
-    """Progress into rq job.meta (throttled) and the log."""
+    """Progress into rq job.meta (throttled) and the log. Once ``lost`` is set (the job's running
+    lock went to another job), the next call raises :class:`SupersededError`: the job stops
+    training rather than compete with the job that has its project (two trainings on one GPU)."""
 
-    def __init__(self, job=None):
+    def __init__(self, job=None, *, lost: threading.Event | None = None):
         self.job = job
+        self.lost = lost
         self._last = 0.0
         self._stage = None
 
     def __call__(self, stage: str, fraction: float) -> None:
+        if self.lost is not None and self.lost.is_set():
+            raise SupersededError(f"another job took the project over (its running lock lapsed while redis was "
+                                  f"away): stopped at '{self._stage}', nothing kept")
         now = time.monotonic()
         if stage != self._stage:
             logger.info("training progress: %s", stage)
@@ -500,8 +507,8 @@ def serve_version(client: LabelStudioClient, store: ProjectStore, p: int, versio
     Returns the figures of the push for the job's summary; raises :class:`SupersededError` when
     ``may_publish`` says no."""
     if may_publish is not None and not may_publish():
-        raise SupersededError(f"project {p}: another job took the project over before version {version} was "
-                              "published; it stays on disk unpublished")
+        raise SupersededError(f"another job took the project over before version {version} was published; "
+                              "it stays on disk unpublished")
     progress("push predictions", 0.0)
     t_push = time.monotonic()
     created = publish_version(client, p, version, records, info, settings)
@@ -603,9 +610,9 @@ def train_project_job(project_id: int, reason: str = "") -> dict:
     job = get_current_job()
     if job is None:
         return run_training_job(project_id, settings=settings, reason=reason)
-    progress = _JobProgress(job)
-    progress("waiting for the project's running lock", 0.0)
     lock = RunningLock(job.connection, project_id)
+    progress = _JobProgress(job, lost=lock.lost)
+    progress("waiting for the project's running lock", 0.0)
     queue = RQTrainingQueue(job.connection, job.origin, job_timeout=settings.job_timeout)
     while not lock.acquire():
         if queue.queue.count == 0:
@@ -625,7 +632,7 @@ def train_project_job(project_id: int, reason: str = "") -> dict:
             result = run_training_job(project_id, settings=settings, reason=reasons, progress=progress,
                                       may_publish=lock.still_held)
         except SupersededError as exc:
-            logger.warning("%s", exc)       # the project's dirty mark is the other job's now: left as it is
+            logger.warning("project %d: %s", project_id, exc)   # its dirty mark is the other job's now: left as it is
             return {"status": "superseded", "project": int(project_id)}
         except LabelStudioError as exc:
             if not exc.transient:                        # the project is gone or the key cannot read it

@@ -15,11 +15,15 @@ This entry point runs rq's own Worker and, when it ends without being asked to (
 rq's shutdown command), waits until redis answers and serves the same queues with a fresh
 worker.  The dead worker's job is the project's: it stays marked dirty in redis, and the web
 app's watchdog queues the project again (a run that finds nothing new publishes nothing).
+A worker can also die while its work horse trains on (redis away for longer than rq's horse
+monitor allows); the horse ends its job by itself, and the fresh worker starts only once it has.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import time
 
 import redis
@@ -55,12 +59,49 @@ def serve(queues: list[str], connection: redis.Redis, *, logging_level: str = "I
             logger.error("worker %s: redis went away (%s)", worker.name, exc)
         finally:
             _stop_listening(worker)
-        if worker.stop_requested:
+        if worker.stop_requested or _wait_for_orphaned_horse(worker):
             return
         logger.error("worker %s ended without being asked to (redis gone?): serving %s again with a new worker "
                      "once redis answers; the project it was training is queued again by the web app's watchdog",
                      worker.name, ", ".join(queues))
         wait_for_redis(connection, retry_seconds=retry_seconds)
+
+
+class _StopWaiting(Exception):
+    pass
+
+
+def _wait_for_orphaned_horse(worker: Worker) -> bool:
+    """rq's worker can die while its work horse trains on (redis away for longer than the horse
+    monitor's timeout: "HorseMonitorTimeoutException ... quitting"); the horse runs in a session of
+    its own and ends its job by itself. Wait for it before a fresh worker starts, so that this
+    process never trains two jobs at once (two trainings on one GPU) and leaves no zombie behind.
+    True when SIGTERM or SIGINT came meanwhile: stop serving, the horse finishes its job alone."""
+    pid = worker.horse_pid
+    if not pid:
+        return False
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return False
+    except ChildProcessError:
+        return False
+    logger.warning("worker %s: its work horse (pid %d) still runs its job: waiting for it to end before serving "
+                   "again", worker.name, pid)
+
+    def stop(signum, frame):
+        raise _StopWaiting
+
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        os.waitpid(pid, 0)
+    except _StopWaiting:
+        logger.info("asked to stop: the work horse (pid %d) finishes its job on its own", pid)
+        return True
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    logger.info("worker %s: its work horse (pid %d) ended", worker.name, pid)
+    return False
 
 
 def wait_for_redis(connection: redis.Redis, *, retry_seconds: float = RETRY_SECONDS) -> None:
