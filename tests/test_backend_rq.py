@@ -153,6 +153,34 @@ def test_a_lapsed_running_lock_is_taken_back_when_free_and_lost_for_good_when_an
         conn.delete(key)
 
 
+def test_the_worker_waits_for_an_orphaned_work_horse_and_stops_waiting_when_asked():
+    """What `python -m ml_backend.worker` does when rq's worker died under a running horse: it
+    waits for the horse and reaps it (no zombie); SIGTERM meanwhile ends the wait (stop serving)."""
+    from types import SimpleNamespace
+
+    from ml_backend.worker import _wait_for_orphaned_horse
+
+    horse = subprocess.Popen(["sleep", "0.5"])
+    assert _wait_for_orphaned_horse(SimpleNamespace(name="w1", horse_pid=horse.pid)) is False
+    with pytest.raises(ChildProcessError):
+        os.waitpid(horse.pid, os.WNOHANG)                  # reaped: no zombie left
+    assert _wait_for_orphaned_horse(SimpleNamespace(name="w2", horse_pid=0)) is False
+
+    horse = subprocess.Popen(["sleep", "60"])
+    handler = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        assert _wait_for_orphaned_horse(SimpleNamespace(name="w3", horse_pid=horse.pid)) is True
+        assert time.monotonic() - t0 < 30 and horse.poll() is None     # the horse goes on with its job
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        timer.cancel()
+        horse.kill()
+        horse.wait()
+
+
 def test_burst_of_50_webhooks_at_most_2_jobs_final_model_has_every_annotation(fake_ls, rq_worker):
     client = create_app().test_client()
     conn = redis.Redis.from_url(os.environ["REDIS_URL"])
@@ -443,11 +471,17 @@ class _RedisRestartProject:
 
     def close(self) -> None:
         self.app.extensions["alr_watchdog"].stop()
-        if self.worker.poll() is None:
-            os.killpg(self.worker.pid, signal.SIGTERM)
-            self.worker.wait(30)
-        self.redis_proc.terminate()
-        self.redis_proc.wait(10)
+        try:
+            if self.worker.poll() is None:
+                os.killpg(self.worker.pid, signal.SIGTERM)
+                try:
+                    self.worker.wait(30)
+                except subprocess.TimeoutExpired:        # a failed test: its job still trains
+                    os.killpg(self.worker.pid, signal.SIGKILL)
+                    self.worker.wait(10)
+        finally:
+            self.redis_proc.terminate()
+            self.redis_proc.wait(10)
         for log in sorted(self.tmp_path.glob("worker*.log")):
             print(log.name, log.read_text()[-3000:])
 
