@@ -276,8 +276,10 @@ def test_a_killed_job_frees_its_project_and_its_events_reach_a_model(fake_ls, tm
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(10)
             survivors = [_start_worker(tmp_path, "worker-2", epochs=10)]
-            time.sleep(2)
-            health = client.get("/health").get_json()
+            deadline = time.monotonic() + 60                    # the new worker registers (seconds on a busy machine)
+            while (health := client.get("/health").get_json())["queue"]["workers"] == 0:
+                assert time.monotonic() < deadline, health
+                time.sleep(0.2)
             assert health["queue"]["workers"] == 1, health      # the dead worker is not counted
         while conn.get("alr:train:1:running"):
             time.sleep(0.2)
