@@ -189,7 +189,8 @@ class RunningLock:
     redis away for longer than the TTL lets the lock lapse under a job that lives on: once redis
     answers, :meth:`still_held` takes it back if it is free, or finds that another job took it
     (the web app's watchdog queued the project again and a second worker started it). From then
-    on the lock is ``lost`` for good: the job must not publish, the other one trains on newer labels.
+    on the lock is ``lost`` for good: the job stops and must not publish, the other one trains on
+    newer labels.
     """
 
     def __init__(self, connection, project_id: int, *, ttl: int = RUNNING_LOCK_TTL):
@@ -240,7 +241,7 @@ class RunningLock:
                 return True
             self.lost.set()
             logger.error("project %d: the running lock lapsed while redis was away and another job holds it now: "
-                         "this job will not publish its version (the other one trains on the newer labels)",
+                         "this job stops and will not publish (the other one trains on the newer labels)",
                          self.project_id)
             return False
 

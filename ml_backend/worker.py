@@ -68,7 +68,7 @@ def serve(queues: list[str], connection: redis.Redis, *, logging_level: str = "I
 
 
 class _StopWaiting(Exception):
-    pass
+    """SIGTERM or SIGINT while waiting for an orphaned work horse."""
 
 
 def _wait_for_orphaned_horse(worker: Worker) -> bool:
