@@ -487,7 +487,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
 
 def unpublished_version(store: ProjectStore, inputs: str) -> str | None:
     """The newest version on disk, newer than the served one, trained on exactly ``inputs`` but never
-    published (its push failed: Label Studio went away after the training); None if there is none.
+    published (its push failed, or its job lost the project at publish time); None if there is none.
     Its checkpoint must be there (new tasks are scored with it, the next training starts from it)."""
     current = store.current_version()
     versions = store.list_versions()

@@ -419,13 +419,11 @@ class _RedisRestartProject:
     restarts on its files."""
 
     def __init__(self, fake_ls, tmp_path, monkeypatch, *, epochs: int):
-        from tests.conftest import start_redis_server
-
         self.fake_ls, self.tmp_path = fake_ls, tmp_path
         self.port = free_port()
         self.redis_dir = tmp_path / "redis"
         self.redis_dir.mkdir()
-        self.redis_proc = start_redis_server(self.port, self.redis_dir, appendonly=True)
+        self.start_redis()
         monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{self.port}/0")
         monkeypatch.setenv("ALR_WATCHDOG_SECONDS", "1")
         self.app = create_app()
