@@ -48,6 +48,9 @@ class LabelStudioError(RuntimeError):
 
 T = TypeVar("T")
 
+#: HTTP methods whose repetition changes nothing more than the first call did (RFC 9110, 9.2.2)
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
 
 def retry_transient(call: Callable[[], T], *, attempts: int, first_wait: float) -> T:
     """``call()``, asked again while it fails with a transient :class:`LabelStudioError` (no answer,
@@ -61,7 +64,9 @@ def retry_transient(call: Callable[[], T], *, attempts: int, first_wait: float) 
         except LabelStudioError as exc:
             if not exc.transient or attempt == attempts:
                 raise
-            time.sleep(first_wait * 2 ** (attempt - 1))
+            wait = first_wait * 2 ** (attempt - 1)
+            logger.info("%s: asking again in %g s (attempt %d of %d)", exc, wait, attempt + 1, attempts)
+            time.sleep(wait)
 
 
 class LabelStudioAuthError(LabelStudioError):
@@ -85,10 +90,20 @@ class LabelStudioClient:
     timeout : seconds per request.
     image_hosts : hosts other than Label Studio's that task images may be fetched from
         (ALR_IMAGE_HOSTS; see :func:`fetch_refusal`).
+    attempts : how many times an API call that is safe to repeat (GET, PUT, DELETE, and the
+        prediction imports, which the training job cleans up after) is tried while Label Studio
+        answers transiently (no answer, 429, 5xx: :func:`retry_transient`), ``retry_wait`` seconds
+        apart, then twice that, ...  The training job asks 3 times, so that one 502 of a proxy on
+        page 57 of a 20,000-task listing does not throw the listing away; the web app asks once
+        (whoever asked it, a person or Label Studio, asks again).  File downloads are not repeated
+        here: :class:`ml_backend.images.ImageCache` has its own allowance.
     """
 
     def __init__(self, url: str, api_key: str, *, timeout: float = 30.0,
-                 session: requests.Session | None = None, image_hosts: Sequence[str] = ()):
+                 session: requests.Session | None = None, image_hosts: Sequence[str] = (),
+                 attempts: int = 1, retry_wait: float = 1.0):
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}")
         if not url:
             raise ValueError("LABEL_STUDIO_URL is empty")
         self.url = url.rstrip("/")
@@ -98,6 +113,7 @@ class LabelStudioClient:
         self.session = session or requests.Session()
         self._mode = "pat" if _looks_like_jwt(self._key) else "legacy"
         self._access: str | None = None
+        self.attempts, self.retry_wait = attempts, retry_wait
 
     def __repr__(self) -> str:  # never show the key
         return f"LabelStudioClient(url={self.url!r}, auth={self._mode})"
@@ -125,8 +141,19 @@ class LabelStudioClient:
             return {"Authorization": f"Bearer {self._access}"}
         return {"Authorization": f"Token {self._key}"}
 
-    def request(self, method: str, path_or_url: str, *, raw: bool = False, **kwargs):
-        """One API call with authentication; returns JSON (or the Response when ``raw``)."""
+    def request(self, method: str, path_or_url: str, *, raw: bool = False, repeatable: bool | None = None,
+                **kwargs):
+        """One API call with authentication; returns JSON (or the Response when ``raw``, which is
+        never repeated: a streamed file is its caller's to ask again).  ``repeatable``: whether the call
+        may be sent again after a transient error (``attempts``); by default the idempotent methods."""
+        if repeatable is None:
+            repeatable = method.upper() in _IDEMPOTENT_METHODS
+        if raw or not repeatable or self.attempts == 1:
+            return self._request_once(method, path_or_url, raw=raw, **kwargs)
+        return retry_transient(lambda: self._request_once(method, path_or_url, raw=raw, **kwargs),
+                               attempts=self.attempts, first_wait=self.retry_wait)
+
+    def _request_once(self, method: str, path_or_url: str, *, raw: bool, **kwargs):
         url = path_or_url if path_or_url.startswith(("http://", "https://")) \
             else f"{self.url}{path_or_url}"
         kwargs.setdefault("timeout", self.timeout)
@@ -158,7 +185,7 @@ class LabelStudioClient:
                     "(neither a valid personal access token nor an enabled legacy token)", 401)
             if r.status_code >= 400:
                 raise LabelStudioError(
-                    f"{method} {_path(url)}: HTTP {r.status_code} {r.text[:300]}", r.status_code)
+                    f"{method} {_path(url)}: HTTP {r.status_code} {r.text[:300]}".rstrip(), r.status_code)
             if raw:
                 return r
             return r.json() if r.content else None
@@ -195,7 +222,8 @@ class LabelStudioClient:
         return [tasks[0].get("id"), tasks[0].get("updated_at")] if tasks else None
 
     def patch_project(self, project_id: int, **fields) -> dict:
-        return self.request("PATCH", f"/api/projects/{int(project_id)}", json=fields)
+        # setting the same fields twice leaves the project as once: safe to send again
+        return self.request("PATCH", f"/api/projects/{int(project_id)}", json=fields, repeatable=True)
 
     def iter_tasks(self, project_id: int, *, page_size: int = 200) -> Iterator[dict]:
         """All tasks of a project with their annotations (and predictions), page by page."""
@@ -220,15 +248,16 @@ class LabelStudioClient:
                            batch_size: int = 500) -> int:
         """Create predictions in bulk (POST /api/projects/{id}/import/predictions), batched.
 
-        Each batch is tried 3 times, 1 s and 2 s apart, while the error is transient (no answer, 429 or
-        5xx: :func:`retry_transient`).  Returns the number created.
+        Each batch is tried ``attempts`` times while the error is transient (no answer, 429 or 5xx).  A
+        batch that Label Studio created but whose answer was lost (a proxy's 504 after it finished) is
+        then created twice: its tasks hold the version's prediction twice, with the same score.
+        Returns the number created.
         """
         created = 0
         for start in range(0, len(predictions), batch_size):
             batch = predictions[start:start + batch_size]
-            body = retry_transient(lambda: self.request("POST", f"/api/projects/{int(project_id)}/import/predictions",
-                                                        json=batch, timeout=max(self.timeout, 120)),
-                                   attempts=3, first_wait=1.0)
+            body = self.request("POST", f"/api/projects/{int(project_id)}/import/predictions", json=batch,
+                                timeout=max(self.timeout, 120), repeatable=True)
             created += int((body or {}).get("created", len(batch)))
         return created
 

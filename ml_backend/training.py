@@ -61,6 +61,9 @@ MODEL_SETTINGS = ("arch", "pretrained_weights", "frozen_backbone", "image_size",
 RESOURCE_SETTINGS = ("gpus_per_job", "train_processes", "stream_above_tasks", "dataloader_workers")
 #: reasons that train even when nothing a training reads has changed (a person asked for it)
 FORCED_REASONS = frozenset({"TRAIN", "START_TRAINING"})
+#: tries of each repeatable Label Studio API call of a job, 1 s then 2 s apart (LabelStudioClient's attempts): a
+#: proxy's 502 or a Label Studio restart of a few seconds does not throw away a listing of 20,000 tasks
+JOB_API_ATTEMPTS = 3
 
 
 def training_inputs(tasks: list[dict], labels: list, info: LabelConfigInfo, settings: Settings) -> str:
@@ -320,7 +323,8 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     p = int(project_id)
     engine = load_engine()
     client = client or LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key,
-                                         timeout=settings.request_timeout, image_hosts=settings.image_hosts)
+                                         timeout=settings.request_timeout, image_hosts=settings.image_hosts,
+                                         attempts=JOB_API_ATTEMPTS)
     store = ProjectStore(settings.model_dir, p)
     store.clean_temp()
 

@@ -113,37 +113,56 @@ def test_relabel_makes_task_trusted_and_phase_2(fake_ls):
 
 def test_a_version_whose_push_failed_is_published_by_the_next_job_without_training_again(fake_ls):
     """Label Studio goes away while a trained version's predictions are pushed: the job fails and the
-    previous version stays served. The next job, on unchanged inputs, publishes that version as it
-    is (no image fetched, nothing trained); once an input changes, it trains again."""
+    previous version stays served. A job on unchanged inputs publishes that version as it is (no
+    image fetched, nothing trained); while Label Studio is still away it fails the same way, with the
+    previous version served. Once an input changes, a job trains again."""
     from ml_backend.ls_client import LabelStudioError
 
     settings = Settings.from_env()
     store = ProjectStore(settings.model_dir, 1)
     first = run_training_job(1, settings=settings)["model_version"]
     fake_ls.annotate(200, "2")
-    fake_ls.import_failures = 100
+    fake_ls.fail_next("import_predictions", 100)
     with pytest.raises(LabelStudioError):
         run_training_job(1, settings=settings)
     trained = store.list_versions()[-1]
     assert trained != first and store.current_version() == first == fake_ls.projects[1]["model_version"]
     assert {p["model_version"] for p in fake_ls.predictions} == {first}     # the half push was deleted
 
-    fake_ls.import_failures = 0
-    downloads = fake_ls.image_requests
+    fake_ls.fail_next("import_predictions", 0)
+    fake_ls.fail_next("model_versions", 100)                        # away again as that version is published
+    downloads = fake_ls.requests["upload"]
+    with pytest.raises(LabelStudioError, match="model-versions.*HTTP 503"):
+        run_training_job(1, settings=settings, reason="RECOVER")
+    assert store.current_version() == first == fake_ls.projects[1]["model_version"]
+    assert store.list_versions()[-1] == trained and fake_ls.requests["upload"] == downloads
+
+    fake_ls.fail_next("model_versions", 0)
     summary = run_training_job(1, settings=settings, reason="RECOVER")
     assert summary["status"] == "published" and summary["model_version"] == trained
-    assert fake_ls.image_requests == downloads and store.list_versions()[-1] == trained
+    assert fake_ls.requests["upload"] == downloads and store.list_versions()[-1] == trained
     assert store.current_version() == trained == fake_ls.projects[1]["model_version"]
     assert {p["task"] for p in fake_ls.predictions if p["model_version"] == trained} == set(store.load(trained).items)
     assert 200 in store.load_meta(trained)["trusted_task_ids"]
 
-    fake_ls.import_failures = 100                                   # fails again, then an input changes
+    fake_ls.fail_next("import_predictions", 100)                   # fails again, then an input changes
     fake_ls.annotate(201, "0")
     with pytest.raises(LabelStudioError):
         run_training_job(1, settings=settings)
-    fake_ls.import_failures = 0
+    fake_ls.fail_next("import_predictions", 0)
     fake_ls.annotate(202, "1")
     assert run_training_job(1, settings=settings)["status"] == "trained"
+
+
+def test_a_job_asks_label_studio_again_through_a_blip_and_trains(fake_ls, caplog):
+    """Label Studio's API (or its proxy) answers 503 to the job's first reads of the project and of
+    the tasks: the job asks again (1 s, then 2 s later) and trains, where one blip failed it before."""
+    caplog.set_level("INFO", logger="ml_backend.ls_client")
+    fake_ls.fail_next("project", 1)
+    fake_ls.fail_next("tasks", 2)
+    summary = run_training_job(1, settings=Settings.from_env())
+    assert summary["status"] == "trained" and fake_ls.projects[1]["model_version"] == summary["model_version"]
+    assert "HTTP 503" in caplog.text and "asking again" in caplog.text
 
 
 def test_keep_prediction_versions_zero_keeps_all_and_keep_checkpoints_one_only_the_current(fake_ls):
@@ -170,10 +189,10 @@ def test_a_job_with_nothing_to_learn_keeps_the_version_and_a_train_request_retra
     version = run_training_job(1, settings=settings)["model_version"]
     fake_ls.annotate(101, "", cancelled=True)
     assert stale_projects(client, settings) == [1]
-    pushed, downloads = len(fake_ls.predictions), fake_ls.image_requests
+    pushed, downloads = len(fake_ls.predictions), fake_ls.requests["upload"]
     assert run_training_job(1, settings=settings, reason="RECONCILE") == {
         "status": "unchanged", "project": 1, "model_version": version}
-    assert (len(fake_ls.predictions), fake_ls.image_requests) == (pushed, downloads)
+    assert (len(fake_ls.predictions), fake_ls.requests["upload"]) == (pushed, downloads)
     assert store.list_versions() == [version] and stale_projects(client, settings) == []
 
     assert run_training_job(1, settings=settings, reason="ANNOTATION_UPDATED,TRAIN")["model_version"] != version
@@ -206,10 +225,10 @@ def test_per_label_forget_rates_from_an_audit_reach_the_engine_and_a_wrong_list_
     assert store.load_meta(version)["settings"]["class_forget_rates"] == [["2", 0.3], ["0", 0.1], ["1", 0.2]]
 
     monkeypatch.setenv("ALR_CLASS_FORGET_RATES", "0=0.1, 1=0.2, 7=0.3")
-    downloads = fake_ls.image_requests
+    downloads = fake_ls.requests["upload"]
     with pytest.raises(ValueError, match=r"missing \['2'\], not a label of the project \['7'\]"):
         run_training_job(1, settings=Settings.from_env())
-    assert fake_ls.image_requests == downloads                  # failed before fetching any image
+    assert fake_ls.requests["upload"] == downloads                  # failed before fetching any image
     assert store.current_version() == version and store.list_versions() == [version]
 
 
@@ -485,18 +504,19 @@ def test_an_image_host_that_went_away_fails_the_training_and_the_served_version_
 def test_an_image_host_answering_503_is_asked_again_and_one_that_keeps_failing_stops_the_downloads(fake_ls):
     from ml_backend.images import ImageHostDown
 
-    fake_ls.image_failures = 5                               # a blip: five answers of 503
+    fake_ls.fail_next("upload", 5)                            # a blip: five answers of 503
     summary = run_training_job(1, settings=Settings.from_env())
     assert summary["status"] == "trained" and summary["skipped_images"] == 1
-    assert fake_ls.image_requests == len(fake_ls.tasks) + 5  # each of the five was asked again, once
+    assert fake_ls.requests["upload"] == len(fake_ls.tasks) + 5  # each of the five was asked again, once
     for tid in range(300, 340):
         fake_ls.add_task(1, tid, label=str(tid % 3), pixel=PIXEL[tid % 3])
-    fake_ls.image_failures, before = 10**6, fake_ls.image_requests      # overloaded for good
+    before = fake_ls.requests["upload"]
+    fake_ls.fail_next("upload", 10**6)                        # overloaded for good
     with pytest.raises(ImageHostDown, match="at most 1 of these 62 tasks"):
         run_training_job(1, settings=Settings.from_env())
     # at most 1 may be skipped: the downloads stop after the second, with the 8 in flight finishing
     # their 3 attempts, instead of 3 attempts at each of the 40 new images
-    assert fake_ls.image_requests - before <= (2 + 8) * 3
+    assert fake_ls.requests["upload"] - before <= (2 + 8) * 3
 
 
 def test_the_report_still_opens_when_label_studio_is_down(fake_ls, monkeypatch):
@@ -611,13 +631,13 @@ def test_without_the_project_summary_training_works_and_reconciliation_compares_
     from ml_backend.ls_client import LabelStudioClient
     from ml_backend.reconcile import stale_projects
 
-    fake_ls.summary_status = status             # a Label Studio without the route, or failing on it
+    fake_ls.fail_next("summary", 10**6, status=status)   # a Label Studio without the route, or failing on it
     settings = Settings.from_env()
     version = run_training_job(1, settings=settings)["model_version"]
     meta = ProjectStore(settings.model_dir, 1).load_meta(version)
     assert meta["annotation_state"]["labels"] is None
     client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
-    fake_ls.summary_status = 200                # back: no labels recorded to compare with, so not stale
+    fake_ls.fail_next("summary", 0)                      # back: no labels recorded to compare with, so not stale
     assert stale_projects(client, settings) == []
     assert ("label counts of the project summary" in caplog.text and "compares without it" in caplog.text) \
         == (status == 500)

@@ -2,8 +2,9 @@
 
 It serves GET /health, /api/current-user/whoami, GET/PATCH /api/projects/<id>, GET /api/tasks,
 POST /api/projects/<id>/import/predictions, POST /api/token/refresh/ and /data/upload/...
-files, with both auth kinds (legacy ``Token`` and PAT refresh -> ``Bearer`` access).  The real
-server is used by tests/e2e.
+files, with both auth kinds (legacy ``Token`` and PAT refresh -> ``Bearer`` access).  It counts
+the requests of each route and answers the next few of a route with an error on demand
+(:meth:`FakeLabelStudio.fail_next`).  The real server is used by tests/e2e.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import base64
 import io
 import json
 import threading
+from collections import Counter
 
 import numpy as np
 from flask import Flask, jsonify, request, send_file
@@ -53,13 +55,10 @@ class FakeLabelStudio:
         self.tasks: dict[int, dict] = {}
         self.files: dict[str, bytes] = {}
         self.predictions: list[dict] = []
-        self.prediction_requests = 0
         self.users: list[dict] = []          # /api/users/
         self.seen_auth: list[str] = []
-        self.summary_status = 200            # /api/projects/<id>/summary/: set 404 or 500 to take it away
-        self.image_failures = 0              # the next this many /data/upload/ requests get 503 (an overloaded host)
-        self.import_failures = 0             # the next this many prediction imports get 503 (Label Studio going away)
-        self.image_requests = 0
+        self.requests: Counter[str] = Counter()           # route (its function's name below) -> requests received
+        self._failures: dict[str, tuple[int, int]] = {}   # route -> (how many more to fail, status): fail_next
         self._next_annotation = 1
         self._clock = 0                      # updated_at of tasks: bumped like Label Studio's (see touch)
         self.app = self._make_app()
@@ -73,6 +72,14 @@ class FakeLabelStudio:
 
     def __exit__(self, *exc):
         self.server.shutdown()
+
+    def fail_next(self, route: str, times: int, *, status: int = 503) -> None:
+        """Answer the next ``times`` authorised requests to ``route`` (the name of its function below:
+        "tasks", "import_predictions", "model_versions", "upload", ...) with ``status`` instead: 503 is
+        Label Studio or its proxy going away for a moment, 404 a Label Studio without the route.
+        ``times`` 0 heals it."""
+        with self.lock:
+            self._failures[route] = (times, status)
 
     # -- data -------------------------------------------------------------------------
     def add_project(self, pid: int, label_config: str = DIGITS_CONFIG) -> None:
@@ -132,6 +139,16 @@ class FakeLabelStudio:
                 return jsonify({"detail": "Authentication credentials were not provided."}), 401
             return None
 
+        @app.before_request
+        def count_and_fail():
+            with fake.lock:
+                fake.requests[request.endpoint] += 1
+                times, status = fake._failures.get(request.endpoint, (0, 0))
+                if times <= 0:
+                    return None
+                fake._failures[request.endpoint] = (times - 1, status)
+            return jsonify({"detail": f"injected fault: HTTP {status}"}), status
+
         @app.route("/health")
         def health():
             return jsonify({"status": "UP"})
@@ -173,8 +190,6 @@ class FakeLabelStudio:
 
         @app.route("/api/projects/<int:pid>/summary/")
         def summary(pid):         # the real one counts every annotation's labels, updated on each edit
-            if fake.summary_status != 200:
-                return jsonify({"detail": "unavailable"}), fake.summary_status
             counts: dict = {}
             for t in fake.tasks.values():
                 for ann in t["annotations"] if t["project"] == pid else []:
@@ -209,10 +224,6 @@ class FakeLabelStudio:
         def import_predictions(pid):
             items = request.get_json()
             with fake.lock:
-                fake.prediction_requests += 1
-                if fake.import_failures > 0:
-                    fake.import_failures -= 1
-                    return jsonify({"detail": "service unavailable"}), 503
                 for item in items:
                     if fake.tasks.get(item["task"], {}).get("project") != pid:
                         return jsonify({"detail": f"task {item['task']} not found"}), 400
@@ -234,11 +245,6 @@ class FakeLabelStudio:
 
         @app.route("/data/upload/<path:rest>")
         def upload(rest):
-            with fake.lock:
-                fake.image_requests += 1
-                failing, fake.image_failures = fake.image_failures > 0, max(fake.image_failures - 1, 0)
-            if failing:
-                return "service unavailable", 503
             data = fake.files.get(f"/data/upload/{rest}")
             if data is None:
                 return "not found", 404

@@ -163,6 +163,51 @@ def test_client_refuses_bad_key_without_logging_it(caplog):
             LabelStudioClient(ls.url, "wrong").get_project(1)
 
 
+def test_client_asks_again_through_a_blip_only_where_repeating_is_safe(caplog):
+    """attempts=3: a GET, a DELETE, a PATCH of the project and a prediction import are sent again
+    after 503s and succeed; a POST not marked repeatable and a file download are sent once; a 400
+    is never repeated; attempts=1 (the web app's) sends everything once."""
+    from ml_backend.ls_client import LabelStudioError
+
+    caplog.set_level("INFO", logger="ml_backend.ls_client")
+    with FakeLabelStudio() as ls:
+        ls.add_project(1)
+        ls.add_task(1, 10, label="0", pixel=20)
+        client = LabelStudioClient(ls.url, LEGACY_TOKEN, attempts=3, retry_wait=0.01)
+        ls.fail_next("tasks", 2)
+        assert [t["id"] for t in client.iter_tasks(1)] == [10] and ls.requests["tasks"] == 3
+        assert "HTTP 503" in caplog.text and "attempt 3 of 3" in caplog.text
+        ls.fail_next("project", 2)
+        assert client.patch_project(1, model_version="v1")["model_version"] == "v1"
+        ls.fail_next("import_predictions", 2)
+        assert client.import_predictions(1, [{"task": 10, "model_version": "v1", "result": []}]) == 1
+        ls.fail_next("model_versions", 2)
+        client.delete_prediction_version(1, "v1")
+        assert ls.predictions == [] and ls.requests["model_versions"] == 3
+
+        ls.fail_next("tasks", 3)                       # away for longer than the attempts
+        with pytest.raises(LabelStudioError, match="HTTP 503"):
+            list(client.iter_tasks(1))
+        ls.fail_next("tasks", 0)
+        before = ls.requests["import_predictions"]
+        with pytest.raises(LabelStudioError, match="HTTP 400"):      # a task of no project: not a blip
+            client.import_predictions(1, [{"task": 99, "model_version": "v1", "result": []}])
+        assert ls.requests["import_predictions"] == before + 1
+        ls.fail_next("upload", 1)
+        with pytest.raises(LabelStudioError, match="HTTP 503"):      # a file: ImageCache's to ask again
+            client.download("/data/upload/1/task-10.png")
+        ls.fail_next("import_predictions", 1)
+        with pytest.raises(LabelStudioError, match="HTTP 503"):      # a POST not marked repeatable
+            client.request("POST", "/api/projects/1/import/predictions", json=[])
+
+        once = LabelStudioClient(ls.url, LEGACY_TOKEN)
+        ls.fail_next("project", 1)
+        before = ls.requests["project"]
+        with pytest.raises(LabelStudioError, match="HTTP 503"):
+            once.get_project(1)
+        assert ls.requests["project"] == before + 1 and once.get_project(1)["id"] == 1
+
+
 # -- the bounded image cache -------------------------------------------------------------
 class _Bytes:
     """A client whose every image is 1000 bytes."""
