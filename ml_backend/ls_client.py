@@ -90,8 +90,8 @@ class LabelStudioClient:
     timeout : seconds per request.
     image_hosts : hosts other than Label Studio's that task images may be fetched from
         (ALR_IMAGE_HOSTS; see :func:`fetch_refusal`).
-    attempts : how many times an API call that is safe to repeat (GET, PUT, DELETE, and the
-        prediction imports, which the training job cleans up after) is tried while Label Studio
+    attempts : how many times an API call that is safe to repeat (GET, PUT, DELETE, the project
+        PATCH, and prediction imports: :meth:`import_predictions`) is tried while Label Studio
         answers transiently (no answer, 429, 5xx: :func:`retry_transient`), ``retry_wait`` seconds
         apart, then twice that, ...  The training job asks 3 times, so that one 502 of a proxy on
         page 57 of a 20,000-task listing does not throw the listing away; the web app asks once
@@ -248,22 +248,46 @@ class LabelStudioClient:
                            batch_size: int = 500) -> int:
         """Create predictions in bulk (POST /api/projects/{id}/import/predictions), batched.
 
-        Each batch is tried ``attempts`` times while the error is transient (no answer, 429 or 5xx).  A
-        batch that Label Studio created but whose answer was lost (a proxy's 504 after it finished) is
-        then created twice: its tasks hold the version's prediction twice, with the same score.
-        Returns the number created.
+        Each batch is tried ``attempts`` times while the error is transient (no answer, 429 or 5xx),
+        and never created twice: before a batch is sent again, Label Studio's count of the
+        predictions of the batch's model versions says whether the last try landed and only its
+        answer was lost (a proxy's 502 or 504 after Label Studio had created them, a connection
+        dropped on the way back); such a batch counts as created.  Returns the number created.
         """
+        versions = {p.get("model_version") for p in predictions}
+        held = self._held_predictions(project_id, versions) if self.attempts > 1 else 0
         created = 0
         for start in range(0, len(predictions), batch_size):
-            batch = predictions[start:start + batch_size]
-            body = self.request("POST", f"/api/projects/{int(project_id)}/import/predictions", json=batch,
-                                timeout=max(self.timeout, 120), repeatable=True)
-            created += int((body or {}).get("created", len(batch)))
+            sent = self._import_batch(project_id, predictions[start:start + batch_size], versions, held)
+            created, held = created + sent, held + sent
         return created
 
-    def prediction_versions(self, project_id: int) -> dict[str, int]:
+    def _import_batch(self, project_id: int, batch: list[dict], versions: set, held: int) -> int:
+        """One batch of :meth:`import_predictions`; ``held``: the project's predictions of ``versions``
+        before it."""
+        path = f"/api/projects/{int(project_id)}/import/predictions"
+        tries = 0
+
+        def send() -> int:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and self._held_predictions(project_id, versions, repeatable=False) >= held + len(batch):
+                logger.info("POST %s: the previous try had created the %d predictions (its answer was lost): "
+                            "not sent again", path, len(batch))
+                return len(batch)
+            body = self._request_once("POST", path, raw=False, json=batch, timeout=max(self.timeout, 120))
+            return int((body or {}).get("created", len(batch)))
+
+        return retry_transient(send, attempts=self.attempts, first_wait=self.retry_wait)
+
+    def _held_predictions(self, project_id: int, versions: set, *, repeatable: bool = True) -> int:
+        """How many predictions of these model versions the project holds."""
+        counts = self.prediction_versions(project_id, repeatable=repeatable)
+        return sum(int(counts.get(v, 0)) for v in versions)
+
+    def prediction_versions(self, project_id: int, *, repeatable: bool = True) -> dict[str, int]:
         """model_version -> number of predictions, newest first."""
-        return self.request("GET", f"/api/projects/{int(project_id)}/model-versions/") or {}
+        return self.request("GET", f"/api/projects/{int(project_id)}/model-versions/", repeatable=repeatable) or {}
 
     def delete_prediction_version(self, project_id: int, model_version: str) -> None:
         self.request("DELETE", f"/api/projects/{int(project_id)}/model-versions/",

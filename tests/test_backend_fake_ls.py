@@ -58,7 +58,7 @@ class FakeLabelStudio:
         self.users: list[dict] = []          # /api/users/
         self.seen_auth: list[str] = []
         self.requests: Counter[str] = Counter()           # route (its function's name below) -> requests received
-        self._failures: dict[str, tuple[int, int]] = {}   # route -> (how many more to fail, status): fail_next
+        self._failures: dict[str, tuple[int, int, bool]] = {}   # route -> (how many more, status, after): fail_next
         self._next_annotation = 1
         self._clock = 0                      # updated_at of tasks: bumped like Label Studio's (see touch)
         self.app = self._make_app()
@@ -73,13 +73,23 @@ class FakeLabelStudio:
     def __exit__(self, *exc):
         self.server.shutdown()
 
-    def fail_next(self, route: str, times: int, *, status: int = 503) -> None:
+    def fail_next(self, route: str, times: int, *, status: int = 503, answer_lost: bool = False) -> None:
         """Answer the next ``times`` authorised requests to ``route`` (the name of its function below:
         "tasks", "import_predictions", "model_versions", "upload", ...) with ``status`` instead: 503 is
-        Label Studio or its proxy going away for a moment, 404 a Label Studio without the route.
-        ``times`` 0 heals it."""
+        Label Studio or its proxy going away for a moment, 404 a Label Studio without the route.  With
+        ``answer_lost`` the request is carried out first and only its answer replaced (a proxy's 504
+        after Label Studio did the work).  ``times`` 0 heals it."""
         with self.lock:
-            self._failures[route] = (times, status)
+            self._failures[route] = (times, status, answer_lost)
+
+    def _take_failure(self, route: str, *, after: bool) -> int | None:
+        """The status to answer instead, if a failure of ``route`` is due at this point of the request."""
+        with self.lock:
+            times, status, answer_lost = self._failures.get(route, (0, 0, False))
+            if times <= 0 or answer_lost != after:
+                return None
+            self._failures[route] = (times - 1, status, answer_lost)
+            return status
 
     # -- data -------------------------------------------------------------------------
     def add_project(self, pid: int, label_config: str = DIGITS_CONFIG) -> None:
@@ -143,11 +153,15 @@ class FakeLabelStudio:
         def count_and_fail():
             with fake.lock:
                 fake.requests[request.endpoint] += 1
-                times, status = fake._failures.get(request.endpoint, (0, 0))
-                if times <= 0:
-                    return None
-                fake._failures[request.endpoint] = (times - 1, status)
-            return jsonify({"detail": f"injected fault: HTTP {status}"}), status
+            status = fake._take_failure(request.endpoint, after=False)
+            return None if status is None else (jsonify({"detail": f"injected fault: HTTP {status}"}), status)
+
+        @app.after_request
+        def lose_the_answer(response):
+            if response.status_code >= 400:          # refused or failed: nothing was done to lose
+                return response
+            status = fake._take_failure(request.endpoint, after=True)
+            return response if status is None else app.make_response((jsonify({"detail": "answer lost"}), status))
 
         @app.route("/health")
         def health():

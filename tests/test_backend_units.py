@@ -165,8 +165,9 @@ def test_client_refuses_bad_key_without_logging_it(caplog):
 
 def test_client_asks_again_through_a_blip_only_where_repeating_is_safe(caplog):
     """attempts=3: a GET, a DELETE, a PATCH of the project and a prediction import are sent again
-    after 503s and succeed; a POST not marked repeatable and a file download are sent once; a 400
-    is never repeated; attempts=1 (the web app's) sends everything once."""
+    after 503s and succeed, and an import Label Studio carried out but whose answer was lost is not
+    created twice; a POST not marked repeatable and a file download are sent once; a 400 is never
+    repeated; attempts=1 (the web app's) sends everything once."""
     from ml_backend.ls_client import LabelStudioError
 
     caplog.set_level("INFO", logger="ml_backend.ls_client")
@@ -181,9 +182,13 @@ def test_client_asks_again_through_a_blip_only_where_repeating_is_safe(caplog):
         assert client.patch_project(1, model_version="v1")["model_version"] == "v1"
         ls.fail_next("import_predictions", 2)
         assert client.import_predictions(1, [{"task": 10, "model_version": "v1", "result": []}]) == 1
+        ls.fail_next("import_predictions", 1, status=504, answer_lost=True)     # created, answer lost: not again
+        assert client.import_predictions(1, [{"task": 10, "model_version": "v1", "result": []}]) == 1
+        assert [p["task"] for p in ls.predictions] == [10, 10] and "answer was lost" in caplog.text
         ls.fail_next("model_versions", 2)
+        before = ls.requests["model_versions"]
         client.delete_prediction_version(1, "v1")
-        assert ls.predictions == [] and ls.requests["model_versions"] == 3
+        assert ls.predictions == [] and ls.requests["model_versions"] == before + 3
 
         ls.fail_next("tasks", 3)                       # away for longer than the attempts
         with pytest.raises(LabelStudioError, match="HTTP 503"):

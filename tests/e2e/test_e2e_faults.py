@@ -34,7 +34,8 @@ class FaultProxy:
     imports after the first ``pass_batches`` of each push; while ``holding``, holds those imports
     unanswered (``held`` is set) until ``release`` is set, then answers 500; :meth:`blip` answers
     502 to the next few requests whose path and query contain a given text, as a proxy does
-    while its upstream restarts."""
+    while its upstream restarts, or forwards them and answers 502 instead of Label Studio's answer
+    (the answer lost on the way back)."""
 
     def __init__(self, target: str):
         self.target = urlparse(target)
@@ -46,7 +47,7 @@ class FaultProxy:
         self.imports_seen = 0
         self.refused = 0
         self.blipped = 0
-        self._blips: dict[str, int] = {}
+        self._blips: dict[str, tuple[int, bool]] = {}
         self._lock = threading.Lock()
         outer = self
 
@@ -55,10 +56,9 @@ class FaultProxy:
 
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if outer._take_blip(self.path):
-                    self.send_response(502)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                blip = outer._take_blip(self.path)
+                if blip == "refuse":
+                    self._answer(502, b"")
                     return
                 if self.command == "POST" and "/import/predictions" in self.path:
                     outer.imports_seen += 1
@@ -68,23 +68,27 @@ class FaultProxy:
                         outer.release.wait(300)
                     if held or (outer.failing and outer.imports_seen > outer.pass_batches):
                         outer.refused += 1
-                        self.send_response(500)
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
+                        self._answer(500, b"")
                         return
                 conn = http.client.HTTPConnection(outer.target.hostname, outer.target.port, timeout=120)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
                 conn.request(self.command, self.path, body=body, headers=headers)
                 answer = conn.getresponse()
                 data = answer.read()
-                self.send_response(answer.status)
-                for k, v in answer.getheaders():
+                conn.close()
+                if blip == "lose":
+                    self._answer(502, b"")
+                else:
+                    self._answer(answer.status, data, answer.getheaders())
+
+            def _answer(self, status, data, headers=()):
+                self.send_response(status)
+                for k, v in headers:
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-                conn.close()
 
             do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _forward
 
@@ -100,19 +104,22 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
-    def blip(self, path_part: str, times: int) -> None:
-        """Answer 502 to the next ``times`` requests whose path (with its query) contains ``path_part``."""
+    def blip(self, path_part: str, times: int, *, answer_lost: bool = False) -> None:
+        """Answer 502 to the next ``times`` requests whose path (with its query) contains ``path_part``;
+        ``answer_lost``: after forwarding them to Label Studio."""
         with self._lock:
-            self._blips[path_part] = times
+            self._blips[path_part] = (times, answer_lost)
 
-    def _take_blip(self, path: str) -> bool:
+    def _take_blip(self, path: str) -> str | None:
+        """"refuse" or "lose" where a blip is due for this request, else None."""
         with self._lock:
-            part = next((p for p, left in self._blips.items() if left > 0 and p in path), None)
+            part = next((p for p, (left, _) in self._blips.items() if left > 0 and p in path), None)
             if part is None:
-                return False
-            self._blips[part] -= 1
+                return None
+            left, answer_lost = self._blips[part]
+            self._blips[part] = (left - 1, answer_lost)
             self.blipped += 1
-            return True
+            return "lose" if answer_lost else "refuse"
 
     def close(self):
         self.httpd.shutdown()
@@ -227,10 +234,12 @@ def test_a_worker_killed_mid_push_leaves_the_served_version_whole_and_a_new_work
 
 
 def test_a_proxy_blip_on_the_job_s_reads_is_asked_again_and_the_job_trains_through(faulty):
-    """The proxy answers 502 twice to the job's listing of the tasks and once to its count of the
-    new version's predictions: the job asks again and publishes the version trusting the new
-    annotation, no job fails (before, the first 502 failed the job and the watchdog ran it again
-    from the start: on a 20,000-task project, 25 s of listing for each blip)."""
+    """The proxy answers 502 twice to the job's listing of the tasks, once to its count of the new
+    version's predictions, and once in place of Label Studio's answer to a batch of predictions it
+    created: the job asks again, sends that batch only once, and publishes the version trusting the
+    new annotation with one prediction per task; no job fails (before, the first 502 failed the job
+    and the watchdog ran it again from the start: on a 20,000-task project, 25 s of listing for
+    each blip)."""
     ls, pid, proxy, stack = faulty["ls"], faulty["project"], faulty["proxy"], faulty["stack"]
     store = ProjectStore(Path(faulty["workdir"]) / "models", pid)
     worker_log = Path(faulty["workdir"]) / "worker.log"
@@ -241,15 +250,16 @@ def test_a_proxy_blip_on_the_job_s_reads_is_asked_again_and_the_job_trains_throu
     tid, (given, true) = next((t, gt) for t, gt in faulty["truth"].items() if t not in annotated)
     proxy.blip("fields=all", 2)
     proxy.blip("/model-versions/", 1)
+    proxy.blip("/import/predictions", 1, answer_lost=True)
     t0 = time.monotonic()
     ls.call("POST", f"/api/tasks/{tid}/annotations", json={"result": [
         {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [str(true)]}}],
         "was_cancelled": False})
     new = ls.wait_model_version(pid, not_in={before}, timeout=300)
     wait_idle(stack, pid)
-    print(f"{proxy.blipped} answers of 502; published {time.monotonic() - t0:.0f}s after the annotation")
+    print(f"{proxy.blipped} answers of 502 (one after Label Studio created a batch); published {time.monotonic() - t0:.0f}s after the annotation")
     log = worker_log.read_text()
-    assert proxy.blipped == 3 and log.count("asking again") >= 3
+    assert proxy.blipped == 4 and log.count("asking again") >= 4 and "its answer was lost" in log
     assert log.count("Traceback") == tracebacks, "a job failed on a blip"
     assert ls.project(pid)["model_version"] == store.current_version() == new
     assert tid in store.load_meta(new)["trusted_task_ids"]
