@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
     app.extensions["alr"] = {"settings": settings, "queue": queue, "results": results_cache}
     logger.info("ML backend ready: model_dir=%s, training queue=%s, Label Studio=%s",
                 settings.model_dir, queue.kind, settings.label_studio_url)
+    warn_about_credentials(settings)
 
     def check_project(project_id: int | None) -> None:
         if project_id is not None and not settings.project_allowed(project_id):
@@ -319,6 +320,22 @@ class ReadableProjects:
         with self._lock:
             self._known[project_id] = (answer, time.monotonic())
         return answer
+
+
+#: shorter basic-auth passwords get a warning at start (``openssl rand -base64 24`` gives 32 characters)
+MIN_PASSWORD_LENGTH = 16
+
+
+def warn_about_credentials(settings: Settings) -> None:
+    """Log, at start, where the backend's routes are open or guarded by a guessable password."""
+    if not settings.auth_enabled:
+        logger.warning("BASIC_AUTH_USER and BASIC_AUTH_PASS are not set: anyone who can reach this backend's port "
+                       "can read the projects' scores and queue trainings. Keep it on loopback, or set both "
+                       "(BASIC_AUTH_PASS=$(openssl rand -base64 24)) and connect the model with \"Use basic auth\"")
+    elif len(settings.basic_auth_pass) < MIN_PASSWORD_LENGTH:
+        logger.warning("BASIC_AUTH_PASS has %d characters: a password that short can be guessed by anyone on the "
+                       "network; use at least %d random ones (openssl rand -base64 24)",
+                       len(settings.basic_auth_pass), MIN_PASSWORD_LENGTH)
 
 
 def credentials_ok(authorization, settings: Settings) -> bool:

@@ -44,6 +44,17 @@ def app_and_jobs(backend_env, tmp_path):
     return app.test_client(), queue, jobs
 
 
+@pytest.mark.parametrize("user, password, warning", [
+    ("", "", "are not set: anyone who can reach"), (USER, "short-pass", "has 10 characters"), (USER, PASSWORD, None)])
+def test_the_app_warns_at_start_where_its_routes_are_open_or_the_password_is_short(
+        backend_env, user, password, warning, caplog):
+    settings = Settings.from_env().replace(basic_auth_user=user, basic_auth_pass=password)
+    create_app(settings, training_queue=ThreadTrainingQueue(lambda project, reason: None))
+    credentials = [r.getMessage() for r in caplog.records if "BASIC_AUTH" in r.getMessage()]
+    assert (credentials and warning in credentials[0]) if warning else not credentials
+    assert not password or password not in caplog.text
+
+
 @pytest.mark.parametrize("method, path, body", ROUTES)
 @pytest.mark.parametrize("headers", [{}, basic(USER, "wrong"), basic("someone", PASSWORD),
                                      {"Authorization": "Bearer " + PASSWORD}])
