@@ -147,8 +147,8 @@ def reopen_suspects(client: LabelStudioClient, project_id: int, records: dict[in
     tasks = list(client.iter_tasks(project_id))
     changes = overlap_changes(tasks, records, maximum_annotations=int(project.get("maximum_annotations") or 1),
                               reopen=settings.reopen_suspects)
-    for tid, fields in changes.items():
-        client.request("PATCH", f"/api/tasks/{tid}", json=fields)
+    for tid, fields in changes.items():     # absolute values: safe to send again after a blip
+        client.request("PATCH", f"/api/tasks/{tid}", json=fields, repeatable=True)
     reopened = sum(not f["is_labeled"] for f in changes.values())
     open_now = sum(1 for t in tasks if not t.get("is_labeled") and int(t["id"]) not in changes) + reopened
     logger.info("project %d: %d suspects reopened for review, %d closed again; %d tasks in the label stream",

@@ -177,6 +177,8 @@ def test_client_asks_again_through_a_blip_only_where_repeating_is_safe(caplog):
         client = LabelStudioClient(ls.url, LEGACY_TOKEN, attempts=3, retry_wait=0.01)
         ls.fail_next("tasks", 2)
         assert [t["id"] for t in client.iter_tasks(1)] == [10] and ls.requests["tasks"] == 3
+        assert "predictions" not in next(client.iter_tasks(1))           # the jobs never read them
+        assert "predictions" in next(client.iter_tasks(1, predictions=True))
         assert "HTTP 503" in caplog.text and "attempt 3 of 3" in caplog.text
         ls.fail_next("project", 2)
         assert client.patch_project(1, model_version="v1")["model_version"] == "v1"
