@@ -87,8 +87,13 @@ def projects_with_refused_events(settings: Settings) -> dict[int, int]:
     return {p: n for p, n in refused.items() if n}
 
 
-def stale_projects(client: LabelStudioClient, settings: Settings) -> list[int]:
-    """Projects whose annotations changed since their current version was trained."""
+def stale_projects(client: LabelStudioClient, settings: Settings, *, refused: set[int] | None = None) -> list[int]:
+    """Projects whose annotations changed since their current version was trained.
+
+    A project Label Studio refuses (deleted there, or out of the API key's reach) is left out with a
+    warning, the first time only when the caller keeps ``refused`` (the projects warned about), and
+    the others are still compared; Label Studio away (no answer, 5xx) raises, since every project
+    would wait for it in turn."""
     stale = []
     for p in served_projects(settings):
         store = ProjectStore(settings.model_dir, p)
@@ -96,7 +101,23 @@ def stale_projects(client: LabelStudioClient, settings: Settings) -> list[int]:
         trained = meta.get("annotation_state")
         if trained is None and meta.get("annotation_counts") is not None:     # a version from before labels
             trained = {"counts": meta["annotation_counts"], "labels": None}
-        if trained is not None and changed_since(trained, annotation_state(client, p)):
+        if trained is None:
+            continue
+        try:
+            now = annotation_state(client, p)
+        except LabelStudioError as exc:
+            if exc.transient:
+                raise
+            if refused is None or p not in refused:
+                logger.warning("project %d: Label Studio refuses it (%s), so its changes are not reconciled; if the "
+                               "project was deleted, delete %s to stop this, else give LABEL_STUDIO_API_KEY access",
+                               p, exc, store.root)
+            if refused is not None:
+                refused.add(p)
+            continue
+        if refused is not None:
+            refused.discard(p)
+        if changed_since(trained, now):
             stale.append(p)
     return stale
 
@@ -109,6 +130,7 @@ class Reconciler:
         self.client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key,
                                         timeout=settings.request_timeout)
         self._stop = threading.Event()
+        self._refused: set[int] = set()      # projects Label Studio refuses, warned about once
         self.thread = threading.Thread(target=self._run, name="alr-reconcile", daemon=True)
 
     def start(self) -> "Reconciler":
@@ -127,7 +149,7 @@ class Reconciler:
                 logger.warning("project %d: %d webhook event(s) were refused while the training queue was down: "
                                "queued a training for them", p, count)
                 queued.append(p)
-        for p in stale_projects(self.client, self.settings):
+        for p in stale_projects(self.client, self.settings, refused=self._refused):
             if p not in queued and self._queue(p):
                 logger.warning("project %d: its annotations changed since the current model version but no event "
                                "reached the backend (sent while the backend was down?): queued a training", p)

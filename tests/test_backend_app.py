@@ -177,6 +177,29 @@ def test_keep_prediction_versions_zero_keeps_all_and_keep_checkpoints_one_only_t
     assert store.load(first).meta["n_trusted"] == 0           # its results and meta stay, for the report
 
 
+def test_a_project_deleted_in_label_studio_does_not_stop_the_reconciliation_of_the_others(fake_ls, caplog):
+    """Two served projects; project 1 is deleted in Label Studio (404) and project 2 gets an annotation
+    no event brought: project 2 is still found stale, project 1 is named once in a warning that says
+    what to do. Before, the 404 ended every period's round, and no project was reconciled again."""
+    from ml_backend.ls_client import LabelStudioClient
+    from ml_backend.reconcile import stale_projects
+
+    settings = Settings.from_env()
+    fake_ls.add_project(2)
+    for tid in range(400, 412):
+        fake_ls.add_task(2, tid, label=str(tid % 3), pixel=PIXEL[tid % 3])
+    run_training_job(1, settings=settings)
+    run_training_job(2, settings=settings)
+    fake_ls.annotate(400, "0")
+    del fake_ls.projects[1]
+    client, refused = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key), set()
+    assert stale_projects(client, settings, refused=refused) == [2] and refused == {1}
+    assert stale_projects(client, settings, refused=refused) == [2]
+    warnings = [r.getMessage() for r in caplog.records if "refuses it" in r.getMessage()]
+    assert len(warnings) == 1 and "project 1:" in warnings[0] and "HTTP 404" in warnings[0]
+    assert "project-1" in warnings[0]
+
+
 def test_a_job_with_nothing_to_learn_keeps_the_version_and_a_train_request_retrains(fake_ls):
     """A skipped task moves Label Studio's counts (reconciliation queues a job) but no label: the job
     downloads nothing, trains nothing, pushes nothing, and marks the state as seen."""
