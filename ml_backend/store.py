@@ -153,11 +153,23 @@ class ProjectStore:
         return pruned
 
     def load_meta(self, version: str) -> dict:
+        """The version's meta.json; {} where it is missing, or unreadable (logged): the version then
+        counts as knowing nothing of its inputs, so the next job trains a new one rather than fail on it."""
+        path = self.version_dir(version) / "meta.json"
         try:
-            with open(self.version_dir(version) / "meta.json", encoding="utf-8") as fh:
-                return json.load(fh)
+            with open(path, encoding="utf-8") as fh:
+                meta = json.load(fh)
         except FileNotFoundError:
             return {}
+        except ValueError as exc:        # not JSON, not UTF-8
+            reason = f"{type(exc).__name__}: {exc}"
+        else:
+            if isinstance(meta, dict):
+                return meta
+            reason = "not a JSON object"
+        logger.error("project %d: %s cannot be read (%s): treated as empty; the next training writes a new version",
+                     self.project_id, path, reason)
+        return {}
 
     def update_meta(self, version: str, **changes) -> None:
         """Rewrite some fields of a published version's meta.json (atomically)."""
@@ -205,13 +217,9 @@ class ProjectStore:
         d = self.version_dir(version)
         with open(d / "results.json", encoding="utf-8") as fh:
             body = json.load(fh)
-        meta = {}
-        if (d / "meta.json").exists():
-            with open(d / "meta.json", encoding="utf-8") as fh:
-                meta = json.load(fh)
         return VersionResults(version=version, class_names=list(body["class_names"]),
                               items={int(k): v for k, v in body["items"].items()},
-                              checkpoint=d / "checkpoint.pt", meta=meta)
+                              checkpoint=d / "checkpoint.pt", meta=self.load_meta(version))
 
 
 class ResultsCache:

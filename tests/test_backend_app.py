@@ -406,22 +406,29 @@ def test_thread_fallback_coalesces_a_burst_and_drops_nothing():
     assert seen_at_start[-1] == 50                # the last run saw every event
 
 
-def test_a_corrupt_checkpoint_or_results_file_is_survived(fake_ls, caplog):
+def test_a_corrupt_checkpoint_results_or_meta_file_is_survived(fake_ls, caplog):
     """A truncated checkpoint: the next job trains Phase 1 instead of failing; a corrupt
-    results.json: /predict answers (no predictions) instead of a 500; the next job replaces it."""
+    results.json: /predict answers (no predictions) instead of a 500; a corrupt meta.json: the
+    reconciliation passes the project by and the next job trains as if the version knew nothing
+    (before, every job of the project failed on it, for good); the next job replaces them."""
+    from ml_backend.ls_client import LabelStudioClient
+    from ml_backend.reconcile import stale_projects
+
     settings = Settings.from_env()
     first = run_training_job(1, settings=settings)["model_version"]
     store = ProjectStore(settings.model_dir, 1)
     checkpoint = store.version_dir(first) / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     (store.version_dir(first) / "results.json").write_text('{"version": "alr-v1", "items": {')
+    (store.version_dir(first) / "meta.json").write_bytes(b'{"annotation_state": {"counts": [\xff')
     client = create_app(settings).test_client()
     r = client.post("/predict", json=predict_body([fake_ls.tasks[100]]))
     assert r.status_code == 200 and r.get_json()["results"] == [{"result": [], "model_version": "alr-untrained"}]
     fake_ls.annotate(200, "2")
+    assert stale_projects(LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key), settings) == []
     summary = run_training_job(1, settings=settings)
     assert summary["status"] == "trained" and store.current_version() == summary["model_version"] != first
-    assert "cannot be read" in caplog.text
+    assert "cannot be read" in caplog.text and "meta.json" in caplog.text
     assert client.post("/predict", json=predict_body([fake_ls.tasks[100]])).get_json()["results"][0]["result"]
 
 
