@@ -131,6 +131,8 @@ class ImageCache:
             return retry_transient(lambda: self.client.download(url, max_bytes=self.max_bytes),
                                    attempts=self.attempts, first_wait=self.retry_wait)
         except LabelStudioError as exc:
+            if exc.untrusted_certificate:      # the host, not the image: every image of it fails the same way
+                raise ImageHostError(f"cannot download image: {exc}") from None
             if not exc.transient:
                 raise ImageError(f"cannot download image: {exc}") from None
             raise ImageHostError(f"cannot download image: {exc} "

@@ -33,12 +33,16 @@ class LabelStudioError(RuntimeError):
 
     ``unreachable``: no answer came (connection refused or dropped, timeout), as when the
     server went away; :attr:`transient` says whether the same call may work later.
+    ``untrusted_certificate``: the server's TLS certificate was refused (not transient: asking
+    again changes nothing until REQUESTS_CA_BUNDLE names the CA that signed it).
     """
 
-    def __init__(self, message: str, status: int | None = None, *, unreachable: bool = False):
+    def __init__(self, message: str, status: int | None = None, *, unreachable: bool = False,
+                 untrusted_certificate: bool = False):
         super().__init__(message)
         self.status = status
         self.unreachable = unreachable
+        self.untrusted_certificate = untrusted_certificate
 
     @property
     def transient(self) -> bool:
@@ -67,6 +71,23 @@ def retry_transient(call: Callable[[], T], *, attempts: int, first_wait: float) 
             wait = first_wait * 2 ** (attempt - 1)
             logger.info("%s: asking again in %g s (attempt %d of %d)", exc, wait, attempt + 1, attempts)
             time.sleep(wait)
+
+
+_SSL_REASON = re.compile(r"\[SSL[^\]]*\][^'\"]*")
+
+
+def no_answer(what: str, exc: requests.RequestException) -> LabelStudioError:
+    """The error for a request ``what`` ("GET /api/tasks", "GET host") that got no answer.  A TLS
+    certificate the backend does not trust (a hospital's own CA) says what to do, in place of a
+    bare "SSLError" asked again and again; the exception's text is not kept whole, since its URL may
+    carry a presigned query."""
+    if isinstance(exc, requests.exceptions.SSLError):
+        reason = _SSL_REASON.search(str(exc))
+        return LabelStudioError(
+            f"{what}: the server's TLS certificate was refused ({reason.group(0).strip() if reason else 'SSLError'}). "
+            "If it is signed by your organisation's own certificate authority, set REQUESTS_CA_BUNDLE to that CA's "
+            "certificate file (PEM) for the backend and its workers", untrusted_certificate=True)
+    return LabelStudioError(f"{what}: {type(exc).__name__}", unreachable=True)
 
 
 class LabelStudioAuthError(LabelStudioError):
@@ -124,7 +145,7 @@ class LabelStudioClient:
             r = self.session.post(f"{self.url}/api/token/refresh/", json={"refresh": self._key},
                                   timeout=self.timeout)
         except requests.RequestException as exc:      # Label Studio down: the same error as any other call
-            raise LabelStudioError(f"POST /api/token/refresh/: {type(exc).__name__}", unreachable=True) from None
+            raise no_answer("POST /api/token/refresh/", exc) from None
         if r.status_code != 200:
             raise LabelStudioAuthError(
                 f"LABEL_STUDIO_API_KEY was refused: exchanging it as a personal access token "
@@ -170,7 +191,7 @@ class LabelStudioClient:
             try:
                 r = self.session.request(method, url, headers=headers, **kwargs)
             except requests.RequestException as exc:
-                raise LabelStudioError(f"{method} {_path(url)}: {type(exc).__name__}", unreachable=True) from None
+                raise no_answer(f"{method} {_path(url)}", exc) from None
             if r.status_code == 401:
                 if self._mode == "pat" and not refreshed and self._access is not None:
                     refreshed, self._access = True, None      # access token expired
@@ -329,7 +350,7 @@ class LabelStudioClient:
                 try:
                     r = self.session.get(target, timeout=self.timeout, stream=True, allow_redirects=False)
                 except requests.RequestException as exc:
-                    raise LabelStudioError(f"GET {_host(target)}: {type(exc).__name__}", unreachable=True) from None
+                    raise no_answer(f"GET {_host(target)}", exc) from None
                 if r.status_code >= 400:
                     raise LabelStudioError(f"GET {_host(target)}{urlparse(target).path}: HTTP {r.status_code}",
                                            r.status_code)

@@ -48,7 +48,8 @@ def png_bytes(value: int, size: int = 8) -> bytes:
 
 
 class FakeLabelStudio:
-    def __init__(self, *, legacy_enabled: bool = True):
+    def __init__(self, *, legacy_enabled: bool = True, tls: tuple[str, str] | None = None):
+        """``tls``: (certificate, key) files to serve HTTPS with instead of HTTP."""
         self.legacy_enabled = legacy_enabled
         self.lock = threading.Lock()
         self.projects: dict[int, dict] = {}
@@ -62,8 +63,8 @@ class FakeLabelStudio:
         self._next_annotation = 1
         self._clock = 0                      # updated_at of tasks: bumped like Label Studio's (see touch)
         self.app = self._make_app()
-        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True, ssl_context=tls)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self):

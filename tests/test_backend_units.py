@@ -215,6 +215,43 @@ def test_client_asks_again_through_a_blip_only_where_repeating_is_safe(caplog):
         assert ls.requests["project"] == before + 1 and once.get_project(1)["id"] == 1
 
 
+def test_a_label_studio_whose_tls_certificate_is_not_trusted_says_to_set_requests_ca_bundle(tmp_path, monkeypatch,
+                                                                                            caplog):
+    """Label Studio over HTTPS with a certificate of the hospital's own CA (here self-signed): the API
+    call and the image download fail at once, not asked again, saying to set REQUESTS_CA_BUNDLE (for
+    the images, as a host failure, which stops a job past its allowance); with it set, both work."""
+    import shutil
+    import subprocess
+
+    from ml_backend.images import ImageCache, ImageHostError
+    from ml_backend.ls_client import LabelStudioError
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make the certificate")
+    cert, key = tmp_path / "ca.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    caplog.set_level("INFO", logger="ml_backend.ls_client")
+    with FakeLabelStudio(tls=(str(cert), str(key))) as ls:
+        ls.add_project(1)
+        ls.add_task(1, 10, label="0", pixel=20)
+        client = LabelStudioClient(ls.url, LEGACY_TOKEN, attempts=3, retry_wait=0.01)
+        with pytest.raises(LabelStudioError, match="certificate was refused .*CERTIFICATE_VERIFY_FAILED.*"
+                                                   "REQUESTS_CA_BUNDLE") as err:
+            client.get_project(1)
+        assert not err.value.transient and "asking again" not in caplog.text
+        cache = ImageCache(tmp_path / "cache", client, retry_wait=0.01)
+        with pytest.raises(ImageHostError, match="REQUESTS_CA_BUNDLE"):
+            cache.fetch("/data/upload/1/task-10.png")
+
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))           # the CA the hospital's certificates come from
+        assert client.get_project(1)["id"] == 1
+        assert cache.fetch("/data/upload/1/task-10.png").read_bytes() == ls.files["/data/upload/1/task-10.png"]
+
+
 # -- the bounded image cache -------------------------------------------------------------
 class _Bytes:
     """A client whose every image is 1000 bytes."""
