@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from html import escape
 
 import pytest
 
@@ -484,6 +485,35 @@ def test_the_report_page_shows_the_suspects_and_the_progress_of_relabels(fake_ls
     assert f'src="{fake_ls.url}/data/upload/1/task-201.png"' in html      # its thumbnail, from Label Studio
     assert "<td>1</td><td>1</td><td>100%</td>" in html                    # v2: one relabel, it changed the label
     assert html.count('src="data:image/png;base64,') == 2                  # the two plots
+
+
+def test_labels_in_any_language_and_with_markup_characters_train_predict_and_report(backend_env, monkeypatch):
+    """A French project whose label names carry accents, an em dash, "<", "&" and quotes: the job trains
+    on them, /predict answers with them exactly as the labelling config spells them, per-label forget
+    rates are read by those names, and the report shows them escaped."""
+    names = ["Bénin", "Lésion — incertaine", 'Malin <grade "3"> & plus']
+    config = ('<View><Image name="image" value="$image"/><Choices name="label" toName="image" choice="single">'
+              + "".join(f'<Choice value="{escape(n, quote=True)}"/>' for n in names) + "</Choices></View>")
+    with FakeLabelStudio(legacy_enabled=False) as ls:
+        ls.add_project(1, label_config=config)
+        for tid in range(100, 118):
+            ls.add_task(1, tid, label=names[tid % 3], pixel=PIXEL[tid % 3])
+        ls.add_task(1, 200, label=names[0], pixel=PIXEL[2])                  # a wrong label
+        monkeypatch.setenv("LABEL_STUDIO_URL", ls.url)
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", PAT)
+        monkeypatch.setenv("ALR_CLASS_FORGET_RATES", "Bénin=0.1, Lésion — incertaine=0.05, "
+                                                     'Malin <grade "3"> & plus=0.05')
+        settings = Settings.from_env()
+        summary = run_training_job(1, settings=settings)
+        assert summary["status"] == "trained"
+        chosen = {p["result"][0]["value"]["choices"][0] for p in ls.predictions if p["result"]}
+        assert chosen <= set(names) and len(chosen) >= 2
+        client = create_app(settings).test_client()
+        r = client.post("/predict", json={"tasks": [ls.tasks[101]], "project": "1.1700000000", "label_config": config})
+        assert r.status_code == 200 and r.get_json()["results"][0]["result"][0]["value"]["choices"][0] in names
+        html = client.get("/report?project=1").get_data(as_text=True)
+        assert "Lésion — incertaine" in html and "Malin &lt;grade &quot;3&quot;&gt; &amp; plus" in html
+        assert '<grade "3">' not in html
 
 
 class ImageHost:
