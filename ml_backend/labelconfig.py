@@ -1,8 +1,10 @@
 """Reading a Label Studio labelling config: one Image object and one single-choice Choices control."""
 from __future__ import annotations
 
+import unicodedata
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from functools import cached_property
 
 
 class LabelConfigError(ValueError):
@@ -23,13 +25,24 @@ class LabelConfigInfo:
     class_names: tuple[str, ...]
 
     def index_of(self, choice: object) -> int | None:
-        """Class index of a label value, or None when it is not one of the config's choices."""
+        """Class index of a label value, or None when it is not one of the config's choices.  Spaces
+        around it and its Unicode form do not count: "Bénin" typed as e + combining accent (as some
+        exports write it) is the config's "Bénin"."""
         if choice is None:
             return None
-        try:
-            return self.class_names.index(str(choice).strip())
-        except ValueError:
-            return None
+        return self._index_by_name.get(label_key(choice))
+
+    @cached_property
+    def _index_by_name(self) -> dict[str, int]:
+        index: dict[str, int] = {}
+        for i, name in enumerate(self.class_names):
+            index.setdefault(label_key(name), i)
+        return index
+
+
+def label_key(label: object) -> str:
+    """What two spellings of one label have in common: no surrounding spaces, Unicode form NFC."""
+    return unicodedata.normalize("NFC", str(label).strip())
 
 
 _OBJECT_TAGS = {"image", "text", "hypertext", "audio", "audioplus", "video", "timeseries",

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from .labelconfig import label_key
+
 LABEL_SOURCES = ("data", "annotation")
 PRESELECT_CHOICES = ("suggested", "given", "none")
 
@@ -178,13 +180,14 @@ class Settings:
         """
         if not self.class_forget_rates:
             return None
-        rates = dict(self.class_forget_rates)
-        missing = [name for name in class_names if name not in rates]
-        unknown = [name for name in rates if name not in class_names]
+        rates = {label_key(name): rate for name, rate in self.class_forget_rates}
+        keys = [label_key(name) for name in class_names]
+        missing = [name for name, key in zip(class_names, keys) if key not in rates]
+        unknown = [name for name, _ in self.class_forget_rates if label_key(name) not in keys]
         if missing or unknown:
             raise ValueError(f"ALR_CLASS_FORGET_RATES must give a rate for every label of the project and no other: "
                              f"missing {missing}, not a label of the project {unknown} (labels: {list(class_names)})")
-        return tuple(rates[name] for name in class_names)
+        return tuple(rates[key] for key in keys)
 
     @property
     def auth_enabled(self) -> bool:

@@ -110,6 +110,20 @@ def test_label_missing_from_config_is_ignored_and_reported(caplog):
     assert "not in the labelling config" in caplog.text
 
 
+def test_a_label_spelt_in_another_unicode_form_is_the_config_s_label():
+    """"Bénin" as e + combining accent (NFD, as some exports write it), with spaces around it, is the
+    config's "Bénin" (NFC), in the task data, in ALR_CLASS_FORGET_RATES, and back in the config's spelling."""
+    import unicodedata
+
+    nfc, nfd = "Bénin", unicodedata.normalize("NFD", "Bénin")
+    assert nfc != nfd
+    info = parse_label_config(DIGITS_CONFIG.replace('"0"', f'"{nfc}"'))
+    assert extract_task_labels(task([], label=f" {nfd} "), info).noisy == 0
+    assert info.class_names[0] == nfc
+    rates = Settings.from_env({"ALR_CLASS_FORGET_RATES": f"{nfd}=0.3, 1=0.1, 2=0.2"})
+    assert rates.class_forget_rates_for(info.class_names) == (0.3, 0.1, 0.2)
+
+
 def test_source_data_integer_label_is_matched_as_string():
     assert extract_task_labels(task([], label=2), INFO).noisy == 2
 
