@@ -76,7 +76,7 @@ def retry_transient(call: Callable[[], T], *, attempts: int, first_wait: float) 
 _SSL_REASON = re.compile(r"\[SSL[^\]]*\][^'\"]*")
 
 
-def no_answer(what: str, exc: requests.RequestException) -> LabelStudioError:
+def _no_answer(what: str, exc: requests.RequestException) -> LabelStudioError:
     """The error for a request ``what`` ("GET /api/tasks", "GET host") that got no answer.  A TLS
     certificate the backend does not trust (a hospital's own CA) says what to do, in place of a
     bare "SSLError" asked again and again; the exception's text is not kept whole, since its URL may
@@ -145,7 +145,7 @@ class LabelStudioClient:
             r = self.session.post(f"{self.url}/api/token/refresh/", json={"refresh": self._key},
                                   timeout=self.timeout)
         except requests.RequestException as exc:      # Label Studio down: the same error as any other call
-            raise no_answer("POST /api/token/refresh/", exc) from None
+            raise _no_answer("POST /api/token/refresh/", exc) from None
         if r.status_code != 200:
             raise LabelStudioAuthError(
                 f"LABEL_STUDIO_API_KEY was refused: exchanging it as a personal access token "
@@ -191,7 +191,7 @@ class LabelStudioClient:
             try:
                 r = self.session.request(method, url, headers=headers, **kwargs)
             except requests.RequestException as exc:
-                raise no_answer(f"{method} {_path(url)}", exc) from None
+                raise _no_answer(f"{method} {_path(url)}", exc) from None
             if r.status_code == 401:
                 if self._mode == "pat" and not refreshed and self._access is not None:
                     refreshed, self._access = True, None      # access token expired
@@ -350,7 +350,7 @@ class LabelStudioClient:
                 try:
                     r = self.session.get(target, timeout=self.timeout, stream=True, allow_redirects=False)
                 except requests.RequestException as exc:
-                    raise no_answer(f"GET {_host(target)}", exc) from None
+                    raise _no_answer(f"GET {_host(target)}", exc) from None
                 if r.status_code >= 400:
                     raise LabelStudioError(f"GET {_host(target)}{urlparse(target).path}: HTTP {r.status_code}",
                                            r.status_code)

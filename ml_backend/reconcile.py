@@ -94,6 +94,7 @@ def stale_projects(client: LabelStudioClient, settings: Settings, *, refused: se
     warning, the first time only when the caller keeps ``refused`` (the projects warned about), and
     the others are still compared; Label Studio away (no answer, 5xx) raises, since every project
     would wait for it in turn."""
+    refused = set() if refused is None else refused
     stale = []
     for p in served_projects(settings):
         store = ProjectStore(settings.model_dir, p)
@@ -108,15 +109,13 @@ def stale_projects(client: LabelStudioClient, settings: Settings, *, refused: se
         except LabelStudioError as exc:
             if exc.transient:
                 raise
-            if refused is None or p not in refused:
+            if p not in refused:
                 logger.warning("project %d: Label Studio refuses it (%s), so its changes are not reconciled; if the "
                                "project was deleted, delete %s to stop this, else give LABEL_STUDIO_API_KEY access",
                                p, exc, store.root)
-            if refused is not None:
-                refused.add(p)
+            refused.add(p)
             continue
-        if refused is not None:
-            refused.discard(p)
+        refused.discard(p)
         if changed_since(trained, now):
             stale.append(p)
     return stale

@@ -201,6 +201,12 @@ def test_client_asks_again_through_a_blip_only_where_repeating_is_safe(caplog):
         ls.fail_next("import_predictions", 1, status=504, answer_lost=True)     # created, answer lost: not again
         assert client.import_predictions(1, [{"task": 10, "model_version": "v1", "result": []}]) == 1
         assert [p["task"] for p in ls.predictions] == [10, 10] and "answer was lost" in caplog.text
+        ls.fail_next("import_predictions", 1)                  # refused, then the count read before the
+        ls.fail_next("model_versions", 1, status=502)          # second try fails too: the third counts, sends once
+        sent, counted = ls.requests["import_predictions"], ls.requests["model_versions"]
+        assert client._import_batch(1, [{"task": 10, "model_version": "v1", "result": []}], {"v1"}, 2) == 1
+        assert [p["task"] for p in ls.predictions] == [10, 10, 10]
+        assert (ls.requests["import_predictions"] - sent, ls.requests["model_versions"] - counted) == (2, 2)
         ls.fail_next("model_versions", 2)
         before = ls.requests["model_versions"]
         client.delete_prediction_version(1, "v1")
