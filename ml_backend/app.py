@@ -16,7 +16,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import Forbidden, HTTPException, NotFound
 
 from .labelconfig import LabelConfigError, parse_label_config
-from .ls_client import LabelStudioClient, LabelStudioError
+from .ls_client import LabelStudioAuthError, LabelStudioClient, LabelStudioError
 from .model import NoiseRobustImageClassifier, parse_project_id
 from .quality_report import project_report
 from .reconcile import Reconciler, project_stores, projects_with_refused_events
@@ -229,18 +229,16 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
     @app.route("/", methods=["GET"])
     def health():
         queue_status = queue.status()
-        ls = {"url": settings.label_studio_url, "reachable": None}
-        if settings.label_studio_url:
-            ls["reachable"] = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key,
-                                                timeout=2).health()
         ok = queue_status.get("redis") is not False and queue_status.get("workers", 0) > 0
         if settings.auth_enabled and not credentials_ok(request.authorization, settings):
-            # open to anyone: only whether the backend is up and can train, nothing about projects
+            # open to anyone: only whether the backend is up and can train, nothing about projects,
+            # and no call to Label Studio made on a stranger's behalf
             return jsonify({"status": "UP", "model_class": NoiseRobustImageClassifier.__name__,
                             "training_ready": bool(ok)})
         # Label Studio only needs 200 + status UP to connect; the details say what is missing
         return jsonify({"status": "UP", "model_class": NoiseRobustImageClassifier.__name__,
-                        "training_ready": bool(ok), "queue": queue_status, "label_studio": ls,
+                        "training_ready": bool(ok), "queue": queue_status,
+                        "label_studio": label_studio_status(settings),
                         "model_versions": {str(store.project_id): store.current_version()
                                            for store in project_stores(settings)},
                         "refused_events": {str(p): n for p, n in projects_with_refused_events(settings).items()}})
@@ -320,6 +318,26 @@ class ReadableProjects:
         with self._lock:
             self._known[project_id] = (answer, time.monotonic())
         return answer
+
+
+def label_studio_status(settings: Settings) -> dict:
+    """What /health says of Label Studio: whether it answers, whether it takes LABEL_STUDIO_API_KEY
+    (one GET /api/current-user/whoami, 2 s at most), and when not, the error that says why (an
+    untrusted certificate, a refused key, no answer), which is what a job would fail with."""
+    status = {"url": settings.label_studio_url, "reachable": None, "api_key_accepted": None}
+    if not settings.label_studio_url:
+        return status
+    try:
+        LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key, timeout=2).whoami()
+    except LabelStudioAuthError as exc:
+        if settings.label_studio_api_key:      # refused by the server, which therefore answered
+            status.update(reachable=True, api_key_accepted=False)
+        status["error"] = str(exc)
+    except LabelStudioError as exc:
+        status.update(reachable=exc.status is not None, error=str(exc))
+    else:
+        status.update(reachable=True, api_key_accepted=True)
+    return status
 
 
 #: shorter basic-auth passwords get a warning at start (``openssl rand -base64 24`` gives 32 characters)

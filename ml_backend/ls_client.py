@@ -146,6 +146,8 @@ class LabelStudioClient:
                                   timeout=self.timeout)
         except requests.RequestException as exc:      # Label Studio down: the same error as any other call
             raise _no_answer("POST /api/token/refresh/", exc) from None
+        if r.status_code == 429 or r.status_code >= 500:      # "not now", not "no": asked again like any call
+            raise LabelStudioError(f"POST /api/token/refresh/: HTTP {r.status_code}", r.status_code)
         if r.status_code != 200:
             raise LabelStudioAuthError(
                 f"LABEL_STUDIO_API_KEY was refused: exchanging it as a personal access token "
@@ -212,12 +214,6 @@ class LabelStudioClient:
             return r.json() if r.content else None
 
     # -- API --------------------------------------------------------------------------
-    def health(self) -> bool:
-        try:
-            return self.session.get(f"{self.url}/health", timeout=min(self.timeout, 3)).ok
-        except requests.RequestException:
-            return False
-
     def whoami(self) -> dict:
         return self.request("GET", "/api/current-user/whoami")
 

@@ -369,9 +369,30 @@ def test_health_reports_queue_ls_and_versions(fake_ls):
     r = create_app().test_client().get("/health")
     body = r.get_json()
     assert r.status_code == 200 and body["status"] == "UP"
-    assert body["label_studio"]["reachable"] is True
+    assert body["label_studio"]["reachable"] is True and body["label_studio"]["api_key_accepted"] is True
     assert body["queue"]["kind"] == "thread"
     assert body["model_versions"]["1"].startswith("alr-v1-")
+
+
+def test_health_says_why_label_studio_cannot_be_used(fake_ls, monkeypatch):
+    """The setup mistakes a job would fail on, seen before any job: a refused API key (Label Studio
+    answered), no API key, Label Studio gone; each with the error a job would log, never the key."""
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    ls_status = create_app().test_client().get("/health").get_json()["label_studio"]
+    assert ls_status["reachable"] is True and ls_status["api_key_accepted"] is False
+    assert "LABEL_STUDIO_API_KEY was refused" in ls_status["error"] and "0123456789abcdef" not in ls_status["error"]
+
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "")
+    ls_status = create_app().test_client().get("/health").get_json()["label_studio"]
+    assert ls_status["api_key_accepted"] is None and "LABEL_STUDIO_API_KEY is not set" in ls_status["error"]
+
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", PAT)
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")        # nothing listens there
+    r = create_app().test_client().get("/health")
+    assert r.status_code == 200 and r.get_json()["status"] == "UP"
+    ls_status = r.get_json()["label_studio"]
+    assert ls_status["reachable"] is False and ls_status["api_key_accepted"] is None
+    assert "ConnectionError" in ls_status["error"]
 
 
 def test_settings_are_read_at_app_setup_not_import(backend_env, monkeypatch, tmp_path):

@@ -177,6 +177,22 @@ def test_client_refuses_bad_key_without_logging_it(caplog):
             LabelStudioClient(ls.url, "wrong").get_project(1)
 
 
+def test_a_blip_on_the_token_exchange_is_asked_again_not_taken_for_a_refused_key():
+    """A proxy's 502 on POST /api/token/refresh/ says "not now", not "wrong key": the job's client
+    asks again and goes on; a client that asks once fails with a transient error, not a refused key."""
+    from ml_backend.ls_client import LabelStudioError
+
+    with FakeLabelStudio(legacy_enabled=False) as ls:
+        ls.add_project(1)
+        ls.fail_next("refresh", 1, status=502)
+        with pytest.raises(LabelStudioError, match="refresh.*HTTP 502") as err:
+            LabelStudioClient(ls.url, PAT).get_project(1)
+        assert err.value.transient and not isinstance(err.value, LabelStudioAuthError)
+        ls.fail_next("refresh", 2, status=502)
+        assert LabelStudioClient(ls.url, PAT, attempts=3, retry_wait=0.01).get_project(1)["id"] == 1
+        assert ls.requests["refresh"] == 4
+
+
 def test_client_asks_again_through_a_blip_only_where_repeating_is_safe(caplog):
     """attempts=3: a GET, a DELETE, a PATCH of the project and a prediction import are sent again
     after 503s and succeed, and an import Label Studio carried out but whose answer was lost is not
@@ -236,13 +252,15 @@ def test_client_asks_again_through_a_blip_only_where_repeating_is_safe(caplog):
 
 
 def test_a_label_studio_whose_tls_certificate_is_not_trusted_says_to_set_requests_ca_bundle(tmp_path, monkeypatch,
-                                                                                            caplog):
+                                                                                            caplog, backend_env):
     """Label Studio over HTTPS with a certificate of the hospital's own CA (here self-signed): the API
     call and the image download fail at once, not asked again, saying to set REQUESTS_CA_BUNDLE (for
-    the images, as a host failure, which stops a job past its allowance); with it set, both work."""
+    the images, as a host failure, which stops a job past its allowance; /health, as the reason
+    Label Studio is not reachable); with it set, both work."""
     import shutil
     import subprocess
 
+    from ml_backend.app import create_app
     from ml_backend.images import ImageCache, ImageHostError
     from ml_backend.ls_client import LabelStudioError
 
@@ -263,6 +281,10 @@ def test_a_label_studio_whose_tls_certificate_is_not_trusted_says_to_set_request
                                                    "REQUESTS_CA_BUNDLE") as err:
             client.get_project(1)
         assert not err.value.transient and "asking again" not in caplog.text
+        monkeypatch.setenv("LABEL_STUDIO_URL", ls.url)
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", LEGACY_TOKEN)
+        ls_status = create_app().test_client().get("/health").get_json()["label_studio"]   # what /health says
+        assert ls_status["reachable"] is False and "REQUESTS_CA_BUNDLE" in ls_status["error"]
         cache = ImageCache(tmp_path / "cache", client, retry_wait=0.01)
         with pytest.raises(ImageHostError, match="REQUESTS_CA_BUNDLE"):
             cache.fetch("/data/upload/1/task-10.png")
