@@ -81,6 +81,8 @@ def _no_answer(what: str, exc: requests.RequestException) -> LabelStudioError:
     certificate the backend does not trust (a hospital's own CA) says what to do, in place of a
     bare "SSLError" asked again and again; the exception's text is not kept whole, since its URL may
     carry a presigned query."""
+    if isinstance(exc, ValueError):       # requests' InvalidURL, InvalidSchema, ...: the URL, not the server
+        return LabelStudioError(f"{what}: malformed URL ({type(exc).__name__})")
     if isinstance(exc, requests.exceptions.SSLError):
         reason = _SSL_REASON.search(str(exc))
         return LabelStudioError(
@@ -323,7 +325,15 @@ class LabelStudioClient:
         key, other http(s) URLs without it and only on an allowed host (:func:`fetch_refusal`).
         Redirects are followed by hand, at most 3, each target checked the same way, except the
         one Label Studio's storage resolver (``/tasks/<id>/resolve/``) answers with: that is a
-        presigned URL of the project's own cloud storage, whose host its managers configured."""
+        presigned URL of the project's own cloud storage, whose host its managers configured.
+        A malformed URL or redirect target (an unclosed IPv6 bracket, a port out of range) is
+        refused like a forbidden one: that task's image is broken, the others are not."""
+        try:
+            return self._download(url, max_bytes)
+        except ValueError as exc:           # urlparse / urljoin / .port on a malformed URL
+            raise FetchRefused(f"refused to fetch {url[:80]!r}: malformed URL ({exc})") from None
+
+    def _download(self, url: str, max_bytes: int) -> bytes:
         target = url if url.startswith(("http://", "https://")) else urljoin(self.url + "/", url.lstrip("/"))
         path = urlparse(target).path
         if path.startswith(("/data/upload/", "/data/local-files")) or _STORAGE_RESOLVER.match(path):
@@ -332,7 +342,8 @@ class LabelStudioClient:
             target = f"{self.url}{_path(target)}"
         presigned = False
         for _ in range(4):
-            if urlparse(target).netloc == urlparse(self.url).netloc:
+            # the key goes to Label Studio only: same scheme too, never over plain HTTP to an HTTPS instance
+            if _origin(target) == _origin(self.url):
                 r = self.request("GET", target, raw=True, stream=True, allow_redirects=False)
                 presigned = bool(_STORAGE_RESOLVER.match(urlparse(target).path))
             else:
@@ -396,12 +407,17 @@ def fetch_refusal(url: str, allowed_hosts: Sequence[str]) -> str | None:
         return "host is not Label Studio's and not in ALR_IMAGE_HOSTS"
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, parsed.port or 443, proto=socket.IPPROTO_TCP)}
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:      # UnicodeError: a name IDNA refuses (a label over 63 characters)
         return f"cannot resolve the host ({exc})"
     private = sorted(a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_global)
     if private:
         return f"resolves to a non-public address {private[0]} (name the host exactly in ALR_IMAGE_HOSTS to allow it)"
     return None
+
+
+def _origin(url: str) -> tuple[str, str]:
+    p = urlparse(url)
+    return p.scheme, p.netloc.lower()
 
 
 def _host(url: str) -> str:

@@ -157,3 +157,31 @@ def test_a_host_that_hangs_up_mid_file_is_asked_again_then_named_never_a_crash(s
     with pytest.raises(ImageHostError, match=r"GET http://127\.0\.0\.1:\d+: \w+ mid-file \(2 attempts\)"):
         cache.fetch(f"{cut.url}/scan.png")
     assert len(cut.requests) == 2 and not list(tmp_path.rglob("*"))   # asked twice, nothing half-written
+
+
+def test_malformed_image_urls_are_broken_images_not_a_failed_job(servers, tmp_path):
+    """An unclosed IPv6 bracket, a port out of range, a host name IDNA refuses, a redirect to a
+    malformed Location: each is that task's broken image, skipped with its reason; the good image
+    of the same batch loads and no host is asked for the bad ones."""
+    from ml_backend.images import ImageCache, load_task_images
+
+    good = servers(body=png())
+    bad_hop = servers(redirect="http://[bad/scan.png")
+    urls = {1: f"{good.url}/scan.png", 2: "http://[oops/scan.png", 3: "http://127.0.0.1:99999/scan.png",
+            4: f"http://{'a' * 64}.example.org/scan.png", 5: f"{bad_hop.url}/scan.png"}
+    tasks = [{"id": tid, "data": {"image": url}} for tid, url in urls.items()]
+    cache = ImageCache(tmp_path, client("127.0.0.1", "*.example.org"), retry_wait=0)
+    ok_idx, images, errors = load_task_images(tasks, "image", cache, load_image, image_size=4, channels=1)
+    assert ok_idx == [0] and images.shape == (1, 4, 4, 1) and set(errors) == {2, 3, 4, 5}
+    assert all("malformed URL" in errors[t] for t in (2, 3, 5)) and "cannot resolve" in errors[4]
+    assert good.requests == ["/scan.png"] and bad_hop.requests == ["/scan.png"]
+
+
+def test_the_api_key_never_goes_over_plain_http_to_an_https_label_studio(servers):
+    """LABEL_STUDIO_URL is https://host:port: a task URL http://host:port/... is not Label Studio's
+    (another scheme, unencrypted) and gets no request, with the key or without."""
+    plain = servers(body=png())
+    api = LabelStudioClient(plain.url.replace("http://", "https://"), "key", timeout=5)
+    with pytest.raises(FetchRefused, match="not in ALR_IMAGE_HOSTS"):
+        api.download(f"{plain.url}/scan.png")
+    assert plain.requests == []
