@@ -92,6 +92,22 @@ def _no_answer(what: str, exc: requests.RequestException) -> LabelStudioError:
     return LabelStudioError(f"{what}: {type(exc).__name__}", unreachable=True)
 
 
+def _json_of(r: requests.Response, what: str):
+    """The JSON of a 2xx answer (None when empty).  An answer that is not JSON came from something in
+    front of Label Studio's API (a login or maintenance page of a proxy, an SSO redirect followed to its
+    form): an error saying so, counted like no answer (asked again, the project kept for later)."""
+    if not r.content:
+        return None
+    try:
+        return r.json()
+    except ValueError:
+        kind = r.headers.get("Content-Type", "no content type").split(";")[0]
+        raise LabelStudioError(
+            f"{what}: HTTP {r.status_code} answered with {kind}, not JSON (from {_host(r.url or '')}): something in "
+            "front of Label Studio (a proxy's login or maintenance page) answered instead of its API; check "
+            "LABEL_STUDIO_URL", unreachable=True) from None
+
+
 class LabelStudioAuthError(LabelStudioError):
     """The API key was refused (401/403) in both its legacy and its PAT form."""
 
@@ -155,7 +171,10 @@ class LabelStudioClient:
                 f"LABEL_STUDIO_API_KEY was refused: exchanging it as a personal access token "
                 f"at /api/token/refresh/ failed: "
                 f"HTTP {r.status_code}", r.status_code)
-        self._access = r.json()["access"]
+        answer = _json_of(r, "POST /api/token/refresh/")
+        if not isinstance(answer, dict) or "access" not in answer:
+            raise LabelStudioError(f"POST /api/token/refresh/: HTTP 200 without an access token", r.status_code)
+        self._access = answer["access"]
 
     def auth_headers(self) -> dict[str, str]:
         if not self._key:
@@ -213,7 +232,7 @@ class LabelStudioClient:
                     f"{method} {_path(url)}: HTTP {r.status_code} {r.text[:300]}".rstrip(), r.status_code)
             if raw:
                 return r
-            return r.json() if r.content else None
+            return _json_of(r, f"{method} {_path(url)}")
 
     # -- API --------------------------------------------------------------------------
     def whoami(self) -> dict:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from ml_backend.app import create_app
 from ml_backend.labelconfig import LabelConfigError, parse_label_config
 from ml_backend.labels import extract_labels, extract_task_labels
 from ml_backend.ls_client import LabelStudioAuthError, LabelStudioClient
@@ -193,6 +194,51 @@ def test_a_blip_on_the_token_exchange_is_asked_again_not_taken_for_a_refused_key
         assert ls.requests["refresh"] == 4
 
 
+def test_a_login_page_in_front_of_label_studio_is_an_error_that_says_so_and_lets_webhooks_through(backend_env):
+    """A proxy that answers Label Studio's API with its own 200 HTML page (an SSO login, a maintenance
+    notice): a transient LabelStudioError naming it, for the API and the token exchange alike, and a
+    webhook is still queued (the project check cannot be asked, so the event is let through)."""
+    import http.server
+    import threading
+
+    from ml_backend.ls_client import LabelStudioError
+    from ml_backend.training_queue import ThreadTrainingQueue
+
+    class LoginPage(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            page = b"<html><body>Sign in to the hospital network</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoginPage)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    try:
+        for key in (LEGACY_TOKEN, PAT):
+            with pytest.raises(LabelStudioError, match="text/html, not JSON .*LABEL_STUDIO_URL") as err:
+                LabelStudioClient(url, key).get_project(1)
+            assert err.value.transient and not isinstance(err.value, LabelStudioAuthError)
+        jobs: list = []
+        queue = ThreadTrainingQueue(lambda project, reason: jobs.append(project))
+        app = create_app(Settings.from_env().replace(label_studio_url=url, label_studio_api_key=LEGACY_TOKEN),
+                         training_queue=queue)
+        r = app.test_client().post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1},
+                                                     "annotation": {"id": 5}, "task": {"id": 3}})
+        assert r.status_code == 201 and queue.wait_idle(10) and jobs == [1]
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
 def test_client_asks_again_through_a_blip_only_where_repeating_is_safe(caplog):
     """attempts=3: a GET, a DELETE, a PATCH of the project and a prediction import are sent again
     after 503s and succeed, and an import Label Studio carried out but whose answer was lost is not
@@ -260,7 +306,6 @@ def test_a_label_studio_whose_tls_certificate_is_not_trusted_says_to_set_request
     import shutil
     import subprocess
 
-    from ml_backend.app import create_app
     from ml_backend.images import ImageCache, ImageHostError
     from ml_backend.ls_client import LabelStudioError
 
