@@ -270,7 +270,7 @@ class LabelStudioClient:
         dropped unless ``predictions``: the backend's jobs never read them, and they made up 40% of
         a listing held in memory (6.1 -> 3.7 KB a task with one prediction of this backend: 50 MB
         at 20,000 tasks)."""
-        page = 1
+        page, listed = 1, 0
         while True:
             try:
                 body = self.request("GET", "/api/tasks", params={
@@ -285,8 +285,11 @@ class LabelStudioClient:
                 if not predictions and isinstance(task, dict):
                     task.pop("predictions", None)
                 yield task
+            listed += len(tasks)
             total = body.get("total") if isinstance(body, dict) else None
-            if not tasks or len(tasks) < page_size or (total is not None and page * page_size >= total):
+            # a short page ends the listing only without a total: Label Studio cuts pages to its
+            # TASK_API_PAGE_SIZE_MAX, and numbers them by the size it served
+            if not tasks or (listed >= total if total is not None else len(tasks) < page_size):
                 return
             page += 1
 

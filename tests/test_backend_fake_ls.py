@@ -57,6 +57,7 @@ class FakeLabelStudio:
         self.files: dict[str, bytes] = {}
         self.predictions: list[dict] = []
         self.users: list[dict] = []          # /api/users/
+        self.max_page_size: int | None = None   # Label Studio's TASK_API_PAGE_SIZE_MAX: larger pages are cut
         self.seen_auth: list[str] = []
         self.requests: Counter[str] = Counter()           # route (its function's name below) -> requests received
         self._failures: dict[str, tuple[int, int, bool]] = {}   # route -> (how many more, status, after): fail_next
@@ -218,6 +219,7 @@ class FakeLabelStudio:
         def tasks():
             pid = int(request.args["project"])
             page, size = int(request.args.get("page", 1)), int(request.args.get("page_size", 100))
+            size = min(size, fake.max_page_size or size)
             with fake.lock:
                 rows = [json.loads(json.dumps(t)) for t in fake.tasks.values() if t["project"] == pid]
             ordering = json.loads(request.args.get("query", "{}")).get("ordering", [])

@@ -239,6 +239,18 @@ def test_a_login_page_in_front_of_label_studio_is_an_error_that_says_so_and_lets
         proxy.server_close()
 
 
+def test_the_task_listing_reads_every_page_when_label_studio_serves_smaller_pages_than_asked():
+    """Label Studio with TASK_API_PAGE_SIZE_MAX=100 answers a page_size=200 listing with pages of 100:
+    every task is listed once, not just the first page's."""
+    with FakeLabelStudio() as ls:
+        ls.add_project(1)
+        for tid in range(1, 451):
+            ls.add_task(1, tid, label="0", pixel=20)
+        ls.max_page_size = 100
+        ids = [t["id"] for t in LabelStudioClient(ls.url, LEGACY_TOKEN).iter_tasks(1, page_size=200)]
+        assert sorted(ids) == list(range(1, 451)) and ls.requests["tasks"] == 5
+
+
 def test_client_asks_again_through_a_blip_only_where_repeating_is_safe(caplog):
     """attempts=3: a GET, a DELETE, a PATCH of the project and a prediction import are sent again
     after 503s and succeed, and an import Label Studio carried out but whose answer was lost is not
