@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import io
 import logging
 import threading
 import time
@@ -116,9 +117,19 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
 
     @app.before_request
     def cap_size():
-        # get_json(silent=True) would swallow Werkzeug's 413; refuse big bodies up front
-        if request.content_length is not None and request.content_length > settings.max_request_bytes:
-            return _error(413, f"request body larger than ALR_MAX_REQUEST_BYTES={settings.max_request_bytes}")
+        """Refuse bodies over ALR_MAX_REQUEST_BYTES up front (get_json(silent=True) would swallow
+        Werkzeug's 413).  A chunked body announces no length and this Werkzeug does not cap what it
+        reads of one: at most the cap (+1 byte to tell) is read here, and the request goes on with
+        those bytes as its body."""
+        cap = settings.max_request_bytes
+        too_large = _error(413, f"request body larger than ALR_MAX_REQUEST_BYTES={cap}")
+        if request.content_length is not None:
+            return too_large if request.content_length > cap else None
+        if request.environ.get("wsgi.input_terminated"):        # chunked (gunicorn, the Werkzeug server)
+            data = request.environ["wsgi.input"].read(cap + 1)
+            if len(data) > cap:
+                return too_large
+            request.environ["wsgi.input"] = io.BytesIO(data)     # still "terminated": read to its end
         return None
 
     def body() -> dict:

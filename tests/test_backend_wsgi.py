@@ -1,5 +1,6 @@
 """The production entry points start and serve /health: `python ml_backend/_wsgi.py` (what
-`label-studio-ml start ml_backend` runs), `label-studio-ml start` itself, and gunicorn."""
+`label-studio-ml start ml_backend` runs), `label-studio-ml start` itself, and gunicorn, and cap
+a chunked request body like one of announced length."""
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ def test_entry_point_serves_health_on_loopback(entry, backend_env, tmp_path):
     }[entry]
     if not Path(argv[0]).exists():
         pytest.skip(f"{argv[0]} is not installed")
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", ALR_MAX_REQUEST_BYTES="2000")
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -40,6 +41,18 @@ def test_entry_point_serves_health_on_loopback(entry, backend_env, tmp_path):
             except requests.RequestException:
                 time.sleep(0.3)
         assert body and body["status"] == "UP" and body["queue"]["kind"] == "thread"
+        # a chunked body announces no length: capped all the same (ALR_MAX_REQUEST_BYTES=2000 here)
+        def chunked(size):
+            yield b'{"project": 1, "padding": "'
+            yield b"x" * size
+            yield b'"}'
+        r = requests.post(f"http://127.0.0.1:{port}/versions", data=chunked(100), timeout=10,
+                          headers={"Content-Type": "application/json"})
+        assert r.request.headers.get("Transfer-Encoding") == "chunked" and r.status_code == 200, r.text
+        assert r.json()["versions"] == []
+        r = requests.post(f"http://127.0.0.1:{port}/versions", data=chunked(50_000), timeout=10,
+                          headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "ALR_MAX_REQUEST_BYTES" in r.json()["error"]
         if shutil.which("ss"):               # iproute2: check the bind address too
             out = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
             listening = [line for line in out.splitlines() if f":{port} " in line]
