@@ -86,6 +86,14 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
         if project_id is not None and not settings.project_allowed(project_id):
             raise Forbidden(f"project {project_id} is not served by this backend (ALR_PROJECTS)")
 
+    def served_project(value, what: str) -> int:
+        """The project id in ``value``: 400 when there is none, 403 outside ALR_PROJECTS."""
+        project_id = parse_project_id(value)
+        if project_id is None:
+            raise _BadRequest(f"{what} is missing")
+        check_project(project_id)
+        return project_id
+
     readable = ReadableProjects(settings)
 
     def get_model(project, label_config, **kwargs) -> NoiseRobustImageClassifier:
@@ -226,10 +234,7 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
     @app.route("/train", methods=["POST"])
     def train():   # deprecated in Label Studio >= 1.4.1; kept as a manual trigger
         data = body()
-        project_id = parse_project_id(data.get("project"))
-        if project_id is None:
-            raise _BadRequest("'project' is missing")
-        check_project(project_id)
+        project_id = served_project(data.get("project"), "'project'")
         try:
             job = queue.request_training(project_id, "TRAIN")
         except QueueUnavailable as exc:
@@ -261,19 +266,14 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
     @app.route("/versions", methods=["POST"])
     def versions():
         data = body()
-        project_id = parse_project_id(data.get("project"))
-        if project_id is None:
-            raise _BadRequest("'project' is missing")
+        project_id = served_project(data.get("project"), "'project'")
         store = ProjectStore(settings.model_dir, project_id)
         return jsonify({"versions": store.list_versions(), "current": store.current_version()})
 
     @app.route("/report", methods=["GET"])
     def report():
         """The project's label-quality report, an HTML page (same credentials as every route)."""
-        project_id = parse_project_id(request.args.get("project"))
-        if project_id is None:
-            raise _BadRequest("query parameter 'project' is missing")
-        check_project(project_id)
+        project_id = served_project(request.args.get("project"), "query parameter 'project'")
         results = results_cache.get(project_id)
         if results is None:
             return _error(404, f"project {project_id} has no model version yet: the report follows the first training")
@@ -281,9 +281,7 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
 
     @app.route("/is_training", methods=["GET"])
     def is_training():
-        project_id = parse_project_id(request.args.get("project"))
-        if project_id is None:
-            raise _BadRequest("query parameter 'project' is missing")
+        project_id = served_project(request.args.get("project"), "query parameter 'project'")
         try:
             st = queue.project_status(project_id)
         except Exception as exc:       # redis down: say so instead of crashing

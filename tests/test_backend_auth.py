@@ -95,6 +95,9 @@ def test_a_project_outside_alr_projects_is_refused_and_queues_nothing(app_and_jo
     r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 999}}, headers=basic(USER, PASSWORD))
     assert r.status_code == 403 and "ALR_PROJECTS" in r.get_json()["error"]
     assert client.post("/train", json={"project": 999}, headers=basic(USER, PASSWORD)).status_code == 403
+    assert client.post("/versions", json={"project": 999}, headers=basic(USER, PASSWORD)).status_code == 403
+    for path in ("/is_training?project=999", "/report?project=999"):
+        assert client.get(path, headers=basic(USER, PASSWORD)).status_code == 403, path
     assert queue.wait_idle(5) and jobs == []
 
 
