@@ -203,7 +203,8 @@ def _noise_plot(noise: np.ndarray, counts: np.ndarray, class_names: Sequence[str
     for bar, count in zip(bars, counts):        # the sample count on each bar: rare labels stay visible
         ax.annotate(f"n={count}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                     va="bottom", fontsize=7)
-    ax.set_xticks(x, [str(c) for c in class_names], rotation=45 if len(class_names) > 12 else 0, fontsize=8)
+    ax.set_xticks(x, [str(c) for c in class_names], rotation=45 if len(class_names) > 12 else 0, fontsize=8,
+                  parse_math=False)        # a label is text, even with "$" in it (matplotlib's mathtext)
     ax.set_ylim(0, 1)
     ax.set_ylabel("mean P(label wrong)")
     ax.set_title("Estimated noise per given label: mean P(label wrong), untrusted samples")
@@ -219,8 +220,9 @@ def _confusion_plot(matrix: np.ndarray, class_names: Sequence[str]) -> str:
     rows = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     image = ax.imshow(matrix / rows, cmap="viridis", vmin=0, vmax=1)
     ticks = np.arange(len(class_names))
-    ax.set_xticks(ticks, [str(c) for c in class_names], fontsize=7, rotation=90 if len(class_names) > 12 else 0)
-    ax.set_yticks(ticks, [str(c) for c in class_names], fontsize=7)
+    ax.set_xticks(ticks, [str(c) for c in class_names], fontsize=7, rotation=90 if len(class_names) > 12 else 0,
+                  parse_math=False)
+    ax.set_yticks(ticks, [str(c) for c in class_names], fontsize=7, parse_math=False)
     ax.set_xlabel("suggested label")
     ax.set_ylabel("given label")
     ax.set_title("Given vs suggested (share of each given label)")

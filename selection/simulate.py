@@ -253,7 +253,8 @@ def write_plots(out: Path, report: dict) -> list[str]:
         colours = ["tab:red" if c in minority else "tab:blue" for c in range(len(kept))]
         ax.bar(np.arange(len(kept)), np.nan_to_num(kept), color=colours)
         ax.set_xticks(np.arange(len(kept)),
-                      [f"{name}\n(n={n})" for name, n in zip(report["dataset"]["class_names"], p1["class_counts"])])
+                      [f"{name}\n(n={n})" for name, n in zip(report["dataset"]["class_names"], p1["class_counts"])],
+                      parse_math=False)        # class names are text, even with "$" in them
         ax.set(ylim=(0, 1.05), ylabel="share of correctly labelled samples kept",
                title=f"LNL clean set per class (red = minority); minority/majority = "
                      f"{p1['clean_kept_minority_over_majority']:.2f}")

@@ -66,3 +66,12 @@ def test_a_mapping_mistake_warns_but_a_rare_label_the_model_has_not_learnt_does_
     prob = np.where(suggested != labels, 0.8, 0.1)
     warnings = label_warnings(labels, suggested, prob, class_names=NAMES)
     assert len(warnings) == 1 and "'normal' looks mostly wrong: 100%" in warnings[0] and "'artefact'" in warnings[0]
+
+
+def test_label_names_with_dollar_signs_and_markup_are_drawn_and_shown_as_text():
+    """"$x^$" would be matplotlib mathtext (a ParseException, the page a 500); "<b>" would be HTML."""
+    labels, suggested, prob = _case(2)
+    names = ["<b>benign</b>", "$x^$ & co", r"Fracture $\frac$", "artefact"]     # 0 and 1 look swapped
+    page = label_quality_report(labels, suggested, prob, class_names=names, priority=prob)
+    assert page.count('src="data:image/png;base64,') >= 2
+    assert "<b>benign</b>" not in page and "&lt;b&gt;benign&lt;/b&gt;" in page and "$x^$ &amp; co" in page
