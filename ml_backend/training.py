@@ -552,7 +552,12 @@ def publish_version(client: LabelStudioClient, project_id: int, version: str, re
     Returns the number of predictions created."""
     predictions = [dict(prediction_for(rec, info, version, preselect=settings.preselect), task=tid) for tid, rec in records.items()]
     try:
-        created = client.import_predictions(project_id, predictions, batch_size=settings.predictions_batch_size)
+        try:
+            created = client.import_predictions(project_id, predictions, batch_size=settings.predictions_batch_size)
+        except LabelStudioError as refusal:
+            predictions = _predictions_of_tasks_still_there(client, project_id, predictions, refusal)
+            client.delete_prediction_version(project_id, version)         # the batches before the refused one
+            created = client.import_predictions(project_id, predictions, batch_size=settings.predictions_batch_size)
         ensure_review_order(client, project_id, settings, served_version=version,
                             expected_predictions=len(predictions))
     except BaseException:
@@ -565,6 +570,23 @@ def publish_version(client: LabelStudioClient, project_id: int, version: str, re
                            project_id, version, exc)
         raise
     return created
+
+
+def _predictions_of_tasks_still_there(client: LabelStudioClient, project_id: int, predictions: list[dict],
+                                     refusal: LabelStudioError) -> list[dict]:
+    """After Label Studio refused an import with 400: the predictions whose tasks it still has, when
+    tasks were deleted while the job trained (it refuses a whole batch for one task it no longer
+    has); any other refusal is raised as it came."""
+    if refusal.status != 400:
+        raise refusal
+    there = {int(task["id"]) for task in client.iter_tasks(project_id)}
+    kept = [p for p in predictions if p["task"] in there]
+    if len(kept) == len(predictions):
+        raise refusal
+    logger.warning("project %d: %d task(s) were deleted while the job trained (e.g. task %d): the version is "
+                   "published without them", project_id, len(predictions) - len(kept),
+                   next(p["task"] for p in predictions if p["task"] not in there))
+    return kept
 
 
 def prune_prediction_versions(client: LabelStudioClient, project_id: int, *, keep: int, current: str) -> list[str]:

@@ -689,6 +689,28 @@ def test_a_job_forgets_only_the_refused_events_recorded_before_it_read_the_tasks
     assert store.refused_events() == during and before not in during
 
 
+def test_a_task_deleted_while_the_job_trained_is_left_out_and_the_version_is_published(fake_ls, caplog):
+    """Label Studio refuses a whole import batch (400) for one task it no longer has: the job
+    publishes the version without the deleted task rather than throw the training away."""
+    from ml_backend.ls_client import LabelStudioClient
+
+    class DeletedWhileTraining(LabelStudioClient):
+        def iter_tasks(self, project_id, **kwargs):
+            yield from super().iter_tasks(project_id, **kwargs)
+            with fake_ls.lock:
+                fake_ls.tasks.pop(105, None)         # an annotator deletes a task after the job read them
+
+    settings = Settings.from_env()
+    client = DeletedWhileTraining(settings.label_studio_url, settings.label_studio_api_key)
+    result = run_training_job(1, settings=settings, client=client)
+    assert result["status"] == "trained"
+    version = result["model_version"]
+    assert fake_ls.projects[1]["model_version"] == version
+    pushed = [p["task"] for p in fake_ls.predictions if p["model_version"] == version]
+    assert sorted(pushed) == sorted(set(fake_ls.tasks) - {203})       # each once; 203's image is broken
+    assert "1 task(s) were deleted while the job trained (e.g. task 105)" in caplog.text
+
+
 def test_refused_events_are_capped_per_project_keeping_the_newest(tmp_path, monkeypatch, caplog):
     """Redis down for a day under a busy team must not fill the disk with records: past the cap the
     oldest go, the newest (the one a running job may not have seen) stays, and a job that listed a
