@@ -5,6 +5,7 @@ import unicodedata
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Sequence
 
 
 class LabelConfigError(ValueError):
@@ -34,15 +35,20 @@ class LabelConfigInfo:
 
     @cached_property
     def _index_by_name(self) -> dict[str, int]:
-        index: dict[str, int] = {}
-        for i, name in enumerate(self.class_names):
-            index.setdefault(label_key(name), i)
-        return index
+        return label_index(self.class_names)
 
 
 def label_key(label: object) -> str:
     """What two spellings of one label have in common: no surrounding spaces, Unicode form NFC."""
     return unicodedata.normalize("NFC", str(label).strip())
+
+
+def label_index(class_names: Sequence[str]) -> dict[str, int]:
+    """:func:`label_key` of each class name -> its position (the first, for a name given twice)."""
+    index: dict[str, int] = {}
+    for i, name in enumerate(class_names):
+        index.setdefault(label_key(name), i)
+    return index
 
 
 _OBJECT_TAGS = {"image", "text", "hypertext", "audio", "audioplus", "video", "timeseries",

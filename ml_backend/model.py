@@ -13,7 +13,7 @@ import numpy as np
 from label_studio_ml.model import LabelStudioMLBase
 
 from .images import ImageCache, cache_task_images
-from .labelconfig import parse_label_config
+from .labelconfig import label_index, label_key, parse_label_config
 from .labels import extract_task_labels
 from .ls_client import LabelStudioClient, LabelStudioError
 from .settings import Settings
@@ -141,6 +141,12 @@ class NoiseRobustImageClassifier(LabelStudioMLBase):
             return out
         pos_ok = [labelled[j] for j in ok]
         ids = [int(todo[i]["id"]) for i in pos_ok]
+        if tuple(results.class_names) != tuple(self.info.class_names):
+            # the labelling config changed since this version was trained (its retraining is coming):
+            # a given label is the version's class of that name; one the version does not know is none
+            in_version = label_index(results.class_names)
+            given = {tid: None if g is None else in_version.get(label_key(self.info.class_names[g]))
+                     for tid, g in given.items()}
         labels = np.array([-1 if given[tid] is None else given[tid] for tid in ids], dtype=np.int64)
         images = engine.FileImages(paths, image_size=self.settings.image_size, channels=self.settings.channels,
                                    resize=self.settings.resize)

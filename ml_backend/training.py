@@ -249,8 +249,10 @@ def prediction_for(record: dict, info: LabelConfigInfo, version: str, *, presele
         return "n/a" if v is None else format(v, spec)
 
     choice = PRESELECT[preselect](record)
-    if choice is None:
+    index = info.index_of(choice)
+    if index is None:     # nothing to pre-select, or a label the config no longer has (it changed since)
         return {"result": [], "score": record["score"], "model_version": version}
+    choice = info.class_names[index]       # as the config spells it
     text = (f"given: {record['given']}{' (trusted)' if record['trusted'] else ''}; "
             f"suggested: {record['suggested']}; P(label wrong): {fmt(record['prob_label_wrong'], '.3f')}; "
             f"loss: {fmt(record['loss'], '.3f')}; VoG: {fmt(record['vog'], '.3g')}")

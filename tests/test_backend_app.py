@@ -99,6 +99,26 @@ def test_predict_scores_unseen_tasks_by_forward_pass(fake_ls):
     assert item["result"][0]["value"]["choices"] == ["2"] and item["score"] < 0.5
 
 
+def test_predict_between_a_labelling_config_change_and_its_retraining_reads_labels_by_name(fake_ls):
+    """The config gains a class and its order changes before the retraining is published: the version
+    still scores an unseen task with its given label read by name ("0" is the version's "0", not the
+    new config's fourth class), and a suggestion the config no longer has is no pre-selection."""
+    run_training_job(1, settings=Settings.from_env())
+    fake_ls.add_task(1, 300, label="0", pixel=PIXEL[2])              # imported after training
+    client = create_app().test_client()
+    reordered = DIGITS_CONFIG.replace('<Choice value="0"/><Choice value="1"/><Choice value="2"/>',
+                                      '<Choice value="mass"/><Choice value="2"/><Choice value="1"/><Choice value="0"/>')
+    r = client.post("/predict", json={**predict_body([fake_ls.tasks[300]]), "label_config": reordered})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    (region,) = r.get_json()["results"][0]["result"]
+    assert region["value"]["choices"] == ["2"] and region["meta"]["given_label"] == "0"
+    assert region["meta"]["prob_label_wrong"] > 0.5
+    without_2 = DIGITS_CONFIG.replace('<Choice value="2"/>', "")
+    (item,) = client.post("/predict", json={**predict_body([fake_ls.tasks[200]]), "label_config": without_2}
+                          ).get_json()["results"]
+    assert item["result"] == [] and item["score"] < 0.5        # suggested "2": still ranked, nothing pre-selected
+
+
 def test_relabel_makes_task_trusted_and_phase_2(fake_ls):
     run_training_job(1, settings=Settings.from_env())
     fake_ls.annotate(200, "2")                                            # the expert fixes task 200

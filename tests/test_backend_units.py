@@ -405,12 +405,12 @@ def test_settings_for_scale_out_and_large_projects():
         Settings.from_env({"ALR_GPUS_PER_JOB": "0"})
 
 
-@pytest.mark.parametrize("preselect, choices", [("suggested", ["3"]), ("given", ["5"]), ("none", None)])
+@pytest.mark.parametrize("preselect, choices", [("suggested", ["2"]), ("given", ["1"]), ("none", None)])
 def test_prediction_preselects_the_chosen_label(preselect, choices):
     from ml_backend.training import prediction_for
 
     info = parse_label_config(DIGITS_CONFIG)
-    record = {"suggested": "3", "given": "5", "trusted": False, "score": 0.12, "prob_label_wrong": 0.9,
+    record = {"suggested": "2", "given": "1", "trusted": False, "score": 0.12, "prob_label_wrong": 0.9,
               "loss": 2.3, "vog": 0.01, "priority": 0.88}
     pred = prediction_for(record, info, "alr-v1-x", preselect=preselect)
     assert pred["score"] == 0.12 and pred["model_version"] == "alr-v1-x"
@@ -418,7 +418,10 @@ def test_prediction_preselects_the_chosen_label(preselect, choices):
         assert pred["result"] == []
     else:
         assert pred["result"][0]["value"]["choices"] == choices
-        assert pred["result"][0]["meta"]["suggested_label"] == "3"
+        assert pred["result"][0]["meta"]["suggested_label"] == "2"
+    # a label the config does not have (it changed since the version was trained): ranked, nothing pre-selected
+    gone = prediction_for({**record, "suggested": "7", "given": "7"}, info, "alr-v1-x", preselect=preselect)
+    assert gone == {"result": [], "score": 0.12, "model_version": "alr-v1-x"}
 
 
 def test_review_changes_respect_the_opt_out_and_only_point_at_complete_versions():
