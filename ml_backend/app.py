@@ -86,6 +86,11 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
         if project_id is not None and not settings.project_allowed(project_id):
             raise Forbidden(f"project {project_id} is not served by this backend (ALR_PROJECTS)")
 
+    def set_up_project(project_id: int, webhook_url: str) -> None:
+        if not _set_up_project(project_id, settings, webhook_url, queue):
+            with models_lock:       # the next /setup of the project tries again
+                reviewed_projects.discard(project_id)
+
     def served_project(value, what: str) -> int:
         """The project id in ``value``: 400 when there is none, 403 outside ALR_PROJECTS."""
         project_id = parse_project_id(value)
@@ -179,7 +184,7 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
                 first_time = project_id not in reviewed_projects
                 reviewed_projects.add(project_id)
             if first_time:      # once per project and process, off the request path
-                threading.Thread(target=_set_up_project, args=(project_id, settings, request.url_root + "webhook", queue),
+                threading.Thread(target=set_up_project, args=(project_id, request.url_root + "webhook"),
                                  daemon=True, name=f"alr-setup-{project_id}").start()
         return jsonify({"model_version": model.model_version})
 
@@ -374,11 +379,13 @@ def credentials_ok(authorization, settings: Settings) -> bool:
     return user_ok and pass_ok
 
 
-def _set_up_project(project_id: int, settings: Settings, webhook_url: str, queue) -> None:
+def _set_up_project(project_id: int, settings: Settings, webhook_url: str, queue) -> bool:
     """On connection: the project's sampling and served version follow the backend's scores,
     the webhook Label Studio made for the backend carries the backend's credentials, and a
     project with no model version yet gets its first training (the PROJECT_UPDATED event of the
-    connection itself comes before the webhook has the credentials and is refused)."""
+    connection itself comes before the webhook has the credentials and is refused).  False when
+    the webhook could not be given the credentials (to be tried again at the next /setup)."""
+    authenticated = True
     client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key,
                                timeout=settings.request_timeout)
     try:
@@ -390,11 +397,13 @@ def _set_up_project(project_id: int, settings: Settings, webhook_url: str, queue
     if settings.auth_enabled:
         token = base64.b64encode(f"{settings.basic_auth_user}:{settings.basic_auth_pass}".encode()).decode()
         try:
-            authenticate_webhook(client, project_id, webhook_url, {"Authorization": f"Basic {token}"})
+            authenticated = authenticate_webhook(client, project_id, webhook_url, {"Authorization": f"Basic {token}"})
         except Exception as exc:      # noqa: BLE001 - logged with what to do
+            authenticated = False
             logger.error("project %d: could not add the backend's credentials to its webhook %s (%s): Label "
-                         "Studio's annotation events will be refused with 401 until the backend is reconnected",
-                         project_id, webhook_url, exc)
+                         "Studio's annotation events will be refused with 401 (trainings come only from the "
+                         "reconciliation) until it is done: the backend tries again at Label Studio's next /setup "
+                         "call (open the project's Settings > Model page)", project_id, webhook_url, exc)
     if ProjectStore(settings.model_dir, project_id).current_version() is None:
         try:
             job = queue.request_training(project_id, "CONNECTED")
@@ -402,16 +411,29 @@ def _set_up_project(project_id: int, settings: Settings, webhook_url: str, queue
         except QueueUnavailable as exc:
             logger.error("project %d: first training NOT queued (%s); press Start Training when the queue is back",
                          project_id, exc)
+    return authenticated
 
 
 def authenticate_webhook(client: LabelStudioClient, project_id: int, webhook_url: str, headers: dict, *,
                          wait_seconds: float = 30.0) -> bool:
-    """Add ``headers`` to the project's webhook for ``webhook_url`` (Label Studio creates it just
-    after the /setup that starts this, so wait for it).  True when the webhook carries them."""
+    """Add ``headers`` to the project's webhook for this backend (Label Studio creates it just
+    after the /setup that starts this, so wait for it).  True when the webhook carries them.
+
+    Label Studio names the webhook after the URL the backend was connected with (``<URL>/webhook``):
+    the URL /setup came to (``webhook_url``), or, where a proxy changes it (https outside, http here;
+    a path prefix), the URL of the project's only ML backend."""
     deadline = time.monotonic() + wait_seconds
+
+    def to(url: str) -> dict | None:
+        return next((h for h in hooks if str(h.get("url", "")).rstrip("/") == url.rstrip("/")), None)
+
     while True:
         hooks = client.request("GET", "/api/webhooks/", params={"project": int(project_id)}) or []
-        hook = next((h for h in hooks if str(h.get("url", "")).rstrip("/") == webhook_url.rstrip("/")), None)
+        hook = to(webhook_url)
+        if hook is None:
+            backends = client.request("GET", "/api/ml", params={"project": int(project_id)}) or []
+            if len(backends) == 1 and backends[0].get("url"):
+                hook = to(str(backends[0]["url"]).rstrip("/") + "/webhook")
         if hook is not None:
             if any((hook.get("headers") or {}).get(k) != v for k, v in headers.items()):
                 client.request("PATCH", f"/api/webhooks/{int(hook['id'])}/",
@@ -419,8 +441,10 @@ def authenticate_webhook(client: LabelStudioClient, project_id: int, webhook_url
                 logger.info("project %d: webhook %s now authenticates to the backend", project_id, webhook_url)
             return True
         if time.monotonic() > deadline:
-            logger.warning("project %d: no webhook to %s in Label Studio after %.0fs: annotations will not "
-                           "trigger training (connect the model again)", project_id, webhook_url, wait_seconds)
+            logger.warning("project %d: no webhook to %s (nor to the project's only ML backend) in Label Studio "
+                           "after %.0fs: annotations will not trigger training until the backend finds it at "
+                           "Label Studio's next /setup call (open the project's Settings > Model page)",
+                           project_id, webhook_url, wait_seconds)
             return False
         time.sleep(1.0)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from html import escape
 
 import pytest
@@ -413,6 +414,35 @@ def test_health_says_why_label_studio_cannot_be_used(fake_ls, monkeypatch):
     ls_status = r.get_json()["label_studio"]
     assert ls_status["reachable"] is False and ls_status["api_key_accepted"] is None
     assert "ConnectionError" in ls_status["error"]
+
+
+def test_the_webhook_gets_the_credentials_behind_a_proxy_and_again_after_label_studio_failed(fake_ls):
+    """Label Studio knows the backend as https://ml.hospital.example/alr (a TLS proxy with a path
+    prefix) while /setup arrives at http://localhost/: the webhook of the project's only ML backend
+    gets the credentials.  When Label Studio failed that first time, the next /setup tries again."""
+    import base64
+
+    from ml_backend.training_queue import ThreadTrainingQueue
+
+    fake_ls.ml_backend_url = "https://ml.hospital.example/alr"
+    fake_ls.webhooks.append({"id": 4, "project": 1, "url": "https://ml.hospital.example/alr/webhook", "headers": {}})
+    fake_ls.webhooks.append({"id": 5, "project": 1, "url": "https://audit.hospital.example/hook", "headers": {}})
+    settings = Settings.from_env().replace(basic_auth_user="ls", basic_auth_pass="a-long-enough-password")
+    app = create_app(settings, training_queue=ThreadTrainingQueue(lambda project, reason: None))
+    auth = {"Authorization": "Basic " + base64.b64encode(b"ls:a-long-enough-password").decode()}
+    expected = auth["Authorization"]
+
+    def set_up_and_wait() -> bool:
+        assert app.test_client().post("/setup", json=setup_body(fake_ls), headers=auth).status_code == 200
+        for thread in threading.enumerate():
+            if thread.name == "alr-setup-1":
+                thread.join(30)
+        return fake_ls.webhooks[0]["headers"].get("Authorization") == expected
+
+    fake_ls.fail_next("webhooks", 1)                    # Label Studio fails the first look
+    assert not set_up_and_wait()
+    assert set_up_and_wait()                            # the next /setup tries again, through the proxy's URL
+    assert fake_ls.webhooks[1]["headers"] == {}         # another project webhook keeps its own headers
 
 
 def test_settings_are_read_at_app_setup_not_import(backend_env, monkeypatch, tmp_path):

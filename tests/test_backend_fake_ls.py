@@ -58,6 +58,8 @@ class FakeLabelStudio:
         self.predictions: list[dict] = []
         self.users: list[dict] = []          # /api/users/
         self.max_page_size: int | None = None   # Label Studio's TASK_API_PAGE_SIZE_MAX: larger pages are cut
+        self.ml_backend_url: str | None = None  # the URL the project's ML backend was connected with (/api/ml)
+        self.webhooks: list[dict] = []          # /api/webhooks/: {"id", "project", "url", "headers"}
         self.seen_auth: list[str] = []
         self.requests: Counter[str] = Counter()           # route (its function's name below) -> requests received
         self._failures: dict[str, tuple[int, int, bool]] = {}   # route -> (how many more, status, after): fail_next
@@ -184,7 +186,23 @@ class FakeLabelStudio:
             pid = int(request.args.get("project", 0))
             if pid not in fake.projects:
                 return jsonify({"detail": "Not found."}), 404
-            return jsonify([{"id": 1, "project": pid, "model_version": fake.projects[pid].get("model_version")}])
+            return jsonify([{"id": 1, "project": pid, "model_version": fake.projects[pid].get("model_version"),
+                             "url": fake.ml_backend_url}])
+
+        @app.route("/api/webhooks/")
+        def webhooks():
+            pid = int(request.args.get("project", 0))
+            with fake.lock:
+                return jsonify([h for h in fake.webhooks if h["project"] == pid])
+
+        @app.route("/api/webhooks/<int:hid>/", methods=["PATCH"])
+        def webhook(hid):
+            with fake.lock:
+                hook = next((h for h in fake.webhooks if h["id"] == hid), None)
+                if hook is None:
+                    return jsonify({"detail": "Not found."}), 404
+                hook.update(request.get_json())
+                return jsonify(hook)
 
         @app.route("/api/users/")
         def users():
