@@ -9,7 +9,8 @@ pending job.
 
 redis keys (``<p>`` = project id):
 
-``alr:train:<p>:pending``       id of the pending rq job (set and cleared under the lock)
+``alr:train:<p>:pending``       id of the pending rq job (set and cleared under the lock); one whose job
+                                died unclaimed counts as none (:func:`live_pending_job`)
 ``alr:train:<p>:lock``          short lock around "read/replace pending" (enqueue + claim); an event
                                 folded into a pending job takes no lock (see below)
 ``alr:train:<p>:events:<job>``  hash: how many events job ``<job>`` stands for (``events``) and
@@ -142,25 +143,42 @@ class RQTrainingQueue:
                     "workers": 0, "queued": None}
         try:
             workers = Worker.all(queue=self.queue)
-            live = [w for w in workers if _worker_alive(self.redis, w)]
+            live = [w for w in workers if _worker_alive(self.redis, w.name)]
             return {"kind": self.kind, "redis": True, "queue": self.queue.name,
                     "workers": len(live), "dead_workers": len(workers) - len(live), "queued": self.queue.count}
         except RedisError as exc:
             return {"kind": self.kind, "redis": False, "error": str(exc), "workers": 0, "queued": None}
 
     def project_status(self, project_id: int) -> dict:
-        pending = self.redis.get(_key(project_id, "pending"))
         running = self.redis.get(_key(project_id, "running"))
-        return {"pending_job": pending.decode() if pending else None, "running": bool(running)}
+        return {"pending_job": live_pending_job(self.redis, project_id), "running": bool(running)}
 
 
-def _worker_alive(connection, worker) -> bool:
+def _worker_alive(connection, worker_name: str) -> bool:
     """An rq worker is alive while its connection holds its pub/sub subscription: redis drops it
     the moment the process dies, whereas the worker's key outlives it by up to its worker TTL."""
-    channel = f"rq:pubsub:{worker.name}"
+    channel = f"rq:pubsub:{worker_name}"
     subscribed = dict(connection.pubsub_numsub(channel))
     count = subscribed.get(channel.encode(), subscribed.get(channel, 0))
     return count > 0
+
+
+def live_pending_job(connection, project_id: int) -> str | None:
+    """The project's pending job if it is still coming: waiting in rq, or started by a worker that
+    lives (it waits for the running lock and claims itself once it has it).  A pending key whose job
+    died unclaimed (its worker killed while it waited for another job's lock) or ended names no job
+    that will read the project's events: None, so that the watchdog and the reconciliation queue one."""
+    from rq.job import Job
+
+    pending = connection.get(_key(project_id, "pending"))
+    if not pending:
+        return None
+    job_id = pending.decode() if isinstance(pending, bytes) else pending
+    status, worker = (v.decode() if isinstance(v, bytes) else v
+                      for v in connection.hmget(Job.redis_job_namespace_prefix + job_id, "status", "worker_name"))
+    if status in _PENDING_STATES or (status == "started" and worker and _worker_alive(connection, worker)):
+        return job_id
+    return None
 
 
 def claim_pending(connection, project_id: int, job_id: str) -> bool:
@@ -279,12 +297,13 @@ def clear_dirty(connection, project_id: int) -> None:
 
 
 def orphaned_projects(connection) -> list[int]:
-    """Projects whose last job died mid-way: dirty, no running lock, no pending job."""
+    """Projects whose last job died mid-way: dirty, no running lock, no pending job still coming
+    (:func:`live_pending_job`)."""
     out = []
     for key in connection.scan_iter(match="alr:train:*:dirty", count=500):
         key = key.decode() if isinstance(key, bytes) else key
         p = int(key.split(":")[2])
-        if not connection.exists(_key(p, "running")) and not connection.exists(_key(p, "pending")):
+        if not connection.exists(_key(p, "running")) and live_pending_job(connection, p) is None:
             out.append(p)
     return out
 

@@ -317,6 +317,66 @@ def test_a_killed_job_frees_its_project_and_its_events_reach_a_model(fake_ls, tm
                 proc.wait(30)
 
 
+def test_a_job_killed_while_it_waited_for_the_project_s_lock_does_not_hide_the_project_from_the_watchdog(
+        fake_ls, tmp_path, monkeypatch):
+    """Two workers: job A trains, job B (a later annotation) is started by the second worker and waits
+    for A's running lock, still the project's pending job.  Both workers are killed (-9, worker and
+    horse): the pending key names B, which will never come; the watchdog does not take it for a job
+    on its way, queues the project, and a third worker trains both annotations."""
+    from rq.job import Job
+
+    monkeypatch.setenv("ALR_WATCHDOG_SECONDS", "1")
+    app = create_app()
+    client = app.test_client()
+    conn = redis.Redis.from_url(os.environ["REDIS_URL"])
+    workers = [_start_worker(tmp_path, "worker-1", epochs=400)]
+
+    def annotate(tid, choice):
+        ann = fake_ls.annotate(tid, choice)
+        r = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1},
+                                          "annotation": {**ann, "project": 1}})
+        assert r.status_code == 201, r.get_data(as_text=True)
+        return r.get_json()["job_id"]
+
+    def kill(proc):
+        for pid in _children(proc.pid):       # the horse runs in a session of its own
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def wait_until(condition, what, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+    try:
+        annotate(7, "2")
+        wait_until(lambda: conn.get("alr:train:1:running"), "job A did not start")
+        waiting = annotate(8, "0")
+        workers.append(_start_worker(tmp_path, "worker-2", epochs=10))
+        wait_until(lambda: Job.fetch(waiting, connection=conn).get_status() == "started", "job B was not started")
+        assert app.extensions["alr"]["queue"].project_status(1)["pending_job"] == waiting   # on its way
+        for proc in workers:
+            kill(proc)
+        assert conn.get("alr:train:1:pending").decode() == waiting and conn.get("alr:train:1:dirty")
+        assert app.extensions["alr"]["queue"].project_status(1)["pending_job"] is None    # it will never come
+        workers = [_start_worker(tmp_path, "worker-3", epochs=10)]
+        store = ProjectStore(Settings.from_env().model_dir, 1)
+
+        def both_trained():
+            version = store.current_version()
+            return version and {7, 8} <= set(store.load_meta(version)["trusted_task_ids"])
+        # A's lock lapses within its TTL, then the watchdog queues the project (a hang guard, not a target)
+        wait_until(both_trained, "the annotations of the killed jobs never reached a model", timeout=300)
+    finally:
+        app.extensions["alr_watchdog"].stop()
+        for proc in workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(30)
+
+
 def _without_redis(monkeypatch):
     """The web app (test client) and its reconciler with redis gone: nothing listens on the port of
     REDIS_URL until the test starts a redis-server there.  Returns (port, settings, client, reconciler)."""
