@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hmac
 import io
+import ipaddress
 import logging
 import threading
 import time
@@ -113,20 +114,36 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
                 models[key] = model
         return model
 
+    def caller_refused() -> int | None:
+        """401 (credentials missing or wrong) or 403 (another host, and no credentials to ask for)
+        when the caller may not use the backend's routes; None when it may."""
+        if not settings.auth_enabled:
+            return None if settings.open_to_network or _is_local(request.remote_addr) else 403
+        return None if credentials_ok(request.authorization, settings) else 401
+
     @app.before_request
     def authenticate():
-        """Basic auth (BASIC_AUTH_USER / BASIC_AUTH_PASS) on every route but the health check.
-        Label Studio sends it on /setup, /predict, /train; its webhook carries it in the headers
-        the backend adds to that webhook when it sets the project up (see _set_up_project)."""
-        if not settings.auth_enabled or request.path in OPEN_ROUTES:
+        """Basic auth (BASIC_AUTH_USER / BASIC_AUTH_PASS) on every route but the health check;
+        without it, loopback callers only (ALR_OPEN_TO_NETWORK opens the routes to every host).
+        Label Studio sends the credentials on /setup, /predict, /train; its webhook carries them in
+        the headers the backend adds to that webhook when it sets the project up (_set_up_project)."""
+        if request.path in OPEN_ROUTES:
             return None
-        if credentials_ok(request.authorization, settings):
-            return None
-        logger.warning("%s %s refused: missing or wrong credentials (from %s)", request.method, request.path,
-                       request.remote_addr)
-        response, status = _error(401, "authentication required")
-        response.headers["WWW-Authenticate"] = 'Basic realm="ml_backend"'
-        return response, status
+        refused = caller_refused()
+        if refused == 403:
+            logger.warning("%s %s refused: from %s, and this backend has no credentials to ask for (BASIC_AUTH_USER "
+                           "and BASIC_AUTH_PASS unset), so it answers only on loopback", request.method, request.path,
+                           request.remote_addr)
+            return _error(403, "this backend has no credentials set and answers only on this host: set "
+                               "BASIC_AUTH_USER and BASIC_AUTH_PASS (and \"Use basic auth\" in Label Studio), or "
+                               "ALR_OPEN_TO_NETWORK=true on a network where anyone may read the scores")
+        if refused == 401:
+            logger.warning("%s %s refused: missing or wrong credentials (from %s)", request.method, request.path,
+                           request.remote_addr)
+            response, status = _error(401, "authentication required")
+            response.headers["WWW-Authenticate"] = 'Basic realm="ml_backend"'
+            return response, status
+        return None
 
     @app.before_request
     def cap_size():
@@ -251,7 +268,7 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
     def health():
         queue_status = queue.status()
         ok = queue_status.get("redis") is not False and queue_status.get("workers", 0) > 0
-        if settings.auth_enabled and not credentials_ok(request.authorization, settings):
+        if caller_refused():
             # open to anyone: only whether the backend is up and can train, nothing about projects,
             # and no call to Label Studio made on a stranger's behalf
             return jsonify({"status": "UP", "model_class": NoiseRobustImageClassifier.__name__,
@@ -360,14 +377,29 @@ MIN_PASSWORD_LENGTH = 16
 
 def warn_about_credentials(settings: Settings) -> None:
     """Log, at start, where the backend's routes are open or guarded by a guessable password."""
-    if not settings.auth_enabled:
-        logger.warning("BASIC_AUTH_USER and BASIC_AUTH_PASS are not set: anyone who can reach this backend's port "
-                       "can read the projects' scores and queue trainings. Keep it on loopback, or set both "
+    if not settings.auth_enabled and settings.open_to_network:
+        logger.warning("BASIC_AUTH_USER and BASIC_AUTH_PASS are not set and ALR_OPEN_TO_NETWORK is true: anyone who "
+                       "can reach this backend's port can read the projects' scores and queue trainings. Set both "
+                       "(BASIC_AUTH_PASS=$(openssl rand -base64 24)) and connect the model with \"Use basic auth\"")
+    elif not settings.auth_enabled:
+        logger.warning("BASIC_AUTH_USER and BASIC_AUTH_PASS are not set: only clients on this host (loopback) are "
+                       "answered, other hosts get 403. To serve a Label Studio elsewhere, set both "
                        "(BASIC_AUTH_PASS=$(openssl rand -base64 24)) and connect the model with \"Use basic auth\"")
     elif len(settings.basic_auth_pass) < MIN_PASSWORD_LENGTH:
         logger.warning("BASIC_AUTH_PASS has %d characters: a password that short can be guessed by anyone on the "
                        "network; use at least %d random ones (openssl rand -base64 24)",
                        len(settings.basic_auth_pass), MIN_PASSWORD_LENGTH)
+
+
+def _is_local(address: str | None) -> bool:
+    """Whether a peer is on this host: a loopback address, or none at all (a unix socket, which only
+    this host's processes can open, or an in-process call)."""
+    if not address:
+        return True
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def credentials_ok(authorization, settings: Settings) -> bool:

@@ -55,6 +55,7 @@ class Settings:
     basic_auth_user: str = ""             # with basic_auth_pass: every route but /health needs them
     basic_auth_pass: str = field(default="", repr=False)
     allowed_projects: frozenset[int] | None = None   # ALR_PROJECTS: the only project ids served; None = all
+    open_to_network: bool = False         # without basic auth, answer other hosts too (not only loopback)
     redis_url: str | None = None          # REDIS_URL wins over host/port/db when set
     redis_host: str = "localhost"
     redis_port: int = 6379
@@ -221,6 +222,7 @@ _ENV = {
     "label_studio_api_key": ("LABEL_STUDIO_API_KEY", str.strip),
     "basic_auth_user": ("BASIC_AUTH_USER", str.strip),
     "basic_auth_pass": ("BASIC_AUTH_PASS", str),
+    "open_to_network": ("ALR_OPEN_TO_NETWORK", _bool),
     "allowed_projects": ("ALR_PROJECTS", lambda v: frozenset(int(x) for x in v.replace(",", " ").split())),
     "redis_url": ("REDIS_URL", str),
     "redis_host": ("REDIS_HOST", str),

@@ -45,7 +45,7 @@ def app_and_jobs(backend_env, tmp_path):
 
 
 @pytest.mark.parametrize("user, password, warning", [
-    ("", "", "are not set: anyone who can reach"), (USER, "short-pass", "has 10 characters"), (USER, PASSWORD, None)])
+    ("", "", "only clients on this host"), (USER, "short-pass", "has 10 characters"), (USER, PASSWORD, None)])
 def test_the_app_warns_at_start_where_its_routes_are_open_or_the_password_is_short(
         backend_env, user, password, warning, caplog):
     settings = Settings.from_env().replace(basic_auth_user=user, basic_auth_pass=password)
@@ -106,3 +106,33 @@ def test_credentials_come_in_pairs():
         Settings.from_env({"BASIC_AUTH_USER": "alone"})
     settings = Settings.from_env({"BASIC_AUTH_USER": USER, "BASIC_AUTH_PASS": PASSWORD, "ALR_PROJECTS": "3, 5"})
     assert PASSWORD not in repr(settings) and settings.allowed_projects == {3, 5}
+
+
+def from_address(app, address: str):
+    """The app as a server sees it called from ``address`` (the test client sends no REMOTE_ADDR)."""
+    inner = app.wsgi_app
+    app.wsgi_app = lambda environ, start_response: inner({**environ, "REMOTE_ADDR": address}, start_response)
+    return app.test_client()
+
+
+def test_without_credentials_only_this_host_is_answered_unless_the_network_is_opened(backend_env, caplog):
+    """No BASIC_AUTH_*: a peer on another host gets 403 saying what to set on every route but /health
+    (which tells it only that the backend is up), and nothing is queued; loopback peers (Label Studio
+    on the same host, the demo) are answered; ALR_OPEN_TO_NETWORK=true opens the routes to every host,
+    with a warning at start."""
+    jobs: list = []
+    queue = ThreadTrainingQueue(lambda project, reason: jobs.append(project))
+    elsewhere = from_address(create_app(Settings.from_env(), training_queue=queue), "192.0.2.7")
+    for method, path, body in ROUTES:
+        r = elsewhere.open(path, method=method, json=body)
+        assert r.status_code == 403 and "BASIC_AUTH_USER" in r.get_json()["error"], path
+    assert set(elsewhere.get("/health").get_json()) == {"status", "model_class", "training_ready"}
+    assert queue.wait_idle(5) and jobs == []
+    for address in ("127.0.0.1", "::1"):
+        local = from_address(create_app(Settings.from_env(), training_queue=queue), address)
+        assert local.post("/versions", json={"project": 1}).status_code == 200
+        assert "queue" in local.get("/health").get_json()
+    opened = from_address(create_app(Settings.from_env().replace(open_to_network=True), training_queue=queue),
+                          "192.0.2.7")
+    assert opened.post("/versions", json={"project": 1}).status_code == 200
+    assert "ALR_OPEN_TO_NETWORK is true: anyone who can reach" in caplog.text

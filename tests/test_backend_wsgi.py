@@ -61,3 +61,48 @@ def test_entry_point_serves_health_on_loopback(entry, backend_env, tmp_path):
         os.killpg(proc.pid, 15)
         proc.wait(20)
         log.close()
+
+
+def _own_network_address() -> str | None:
+    """This machine's address on its network (not loopback), or None."""
+    import ipaddress
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))          # no packet is sent: this only picks the route's address
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+def test_without_credentials_a_backend_bound_to_every_interface_answers_other_hosts_403(backend_env, tmp_path):
+    """`python ml_backend/_wsgi.py --host 0.0.0.0` with no BASIC_AUTH_*: a request over the machine's
+    network address (a peer that is not loopback) gets 403 and /health's bare status; loopback works."""
+    address = _own_network_address()
+    if address is None:
+        pytest.skip("this machine has no network address besides loopback")
+    port = free_port()
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "ml_backend" / "_wsgi.py"), "--host", "0.0.0.0", "--port",
+                             str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except requests.RequestException:
+                time.sleep(0.3)
+        remote = requests.post(f"http://{address}:{port}/versions", json={"project": 1}, timeout=10)
+        assert remote.status_code == 403 and "BASIC_AUTH_USER" in remote.json()["error"]
+        assert set(requests.get(f"http://{address}:{port}/health", timeout=10).json()) == \
+            {"status", "model_class", "training_ready"}
+        assert requests.post(f"http://127.0.0.1:{port}/versions", json={"project": 1}, timeout=10).status_code == 200
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(20)
+        log.close()

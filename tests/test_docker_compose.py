@@ -180,7 +180,8 @@ def _code_env_reads() -> dict[str, str]:
                         and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops) \
                         and any(_is_environ(c) for c in node.comparators):
                     name = node.left.value
-                if isinstance(name, str):
+                # a variable's name, not a WSGI environ key such as "wsgi.input"
+                if isinstance(name, str) and re.fullmatch(r"[A-Z_][A-Z0-9_]*", name):
                     reads.setdefault(name, f"{path.relative_to(REPO)}:{node.lineno}")
     return reads
 
