@@ -37,7 +37,9 @@ class FaultProxy:
     while its upstream restarts, or forwards them and answers 502 instead of Label Studio's answer
     (the answer lost on the way back)."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, *, path_prefix: str = ""):
+        """``path_prefix``: served under it, and taken off the path before forwarding (a reverse proxy
+        that publishes ``target`` at ``<proxy>/<prefix>``)."""
         self.target = urlparse(target)
         self.failing = False
         self.holding = False
@@ -72,7 +74,10 @@ class FaultProxy:
                         return
                 conn = http.client.HTTPConnection(outer.target.hostname, outer.target.port, timeout=120)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                conn.request(self.command, self.path, body=body, headers=headers)
+                path = self.path
+                if path_prefix and path.startswith(path_prefix):
+                    path = path[len(path_prefix):] or "/"
+                conn.request(self.command, path, body=body, headers=headers)
                 answer = conn.getresponse()
                 data = answer.read()
                 conn.close()
@@ -148,6 +153,36 @@ def faulty(label_studio, admin_pat, tmp_path_factory):
         stack.stop()
         proxy.close()
         print_logs(stack)
+
+
+def test_a_backend_published_under_a_path_prefix_gets_its_webhook_credentials_and_trains_on_annotations(faulty):
+    """Label Studio connects the model at <proxy>/alr, a reverse proxy with a path prefix in front of the
+    backend: /setup reaches the backend under another URL than the one Label Studio named the webhook
+    after (<proxy>/alr/webhook). The backend still finds that webhook (the project's only ML backend)
+    and gives it its credentials, so an annotation made in Label Studio reaches a model."""
+    ls, stack = faulty["ls"], faulty["stack"]
+    front = FaultProxy(stack.backend_url, path_prefix="/alr")
+    try:
+        data = make_digits_project(n_images=40, noise_rate=0.2, seed=11)
+        pid = ls.create_project("Behind a proxy")
+        mapping = ls.upload_images(pid, data)
+        ls.connect_backend(pid, front.url + "/alr", stack.backend_auth)
+        first = ls.wait_model_version(pid, timeout=400)          # the connection's own first training
+        wait_idle(stack, pid)
+        hooks = [h for h in ls.call("GET", "/api/webhooks/", params={"project": pid})
+                 if h["url"] == front.url + "/alr/webhook"]
+        assert len(hooks) == 1 and (hooks[0].get("headers") or {}).get("Authorization", "").startswith("Basic ")
+        tid, i = next(iter(mapping.items()))
+        ls.call("POST", f"/api/tasks/{tid}/annotations", json={"result": [
+            {"from_name": "label", "to_name": "image", "type": "choices",
+             "value": {"choices": [str(data.truth[i])]}}], "was_cancelled": False})
+        new = ls.wait_model_version(pid, not_in={first}, timeout=300)
+        store = ProjectStore(Path(faulty["workdir"]) / "models", pid)
+        assert tid in store.load_meta(new)["trusted_task_ids"]
+        # through the webhook, not the reconciliation: the backend accepted Label Studio's event
+        assert f"webhook ANNOTATION_CREATED for project {pid} -> " in (Path(faulty["workdir"]) / "backend.log").read_text()
+    finally:
+        front.close()
 
 
 def test_a_failed_push_keeps_the_previous_version_and_the_next_push_completes(faulty):
