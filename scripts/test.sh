@@ -5,5 +5,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh --label-studio
-.venv/bin/python -m pytest -q -p no:cacheprovider --timeout 900 tests
-.venv/bin/python -m pytest -q -p no:cacheprovider --timeout 1200 -m e2e tests
+.venv/bin/python -m pytest -q -p no:cacheprovider --timeout 900 --durations=15 tests
+.venv/bin/python -m pytest -q -p no:cacheprovider --timeout 1200 --durations=10 -m e2e tests
