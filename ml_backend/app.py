@@ -152,15 +152,15 @@ def create_app(settings: Settings | None = None, *, training_queue=None) -> Flas
         reads of one: at most the cap (+1 byte to tell) is read here, and the request goes on with
         those bytes as its body."""
         cap = settings.max_request_bytes
-        too_large = _error(413, f"request body larger than ALR_MAX_REQUEST_BYTES={cap}")
         if request.content_length is not None:
-            return too_large if request.content_length > cap else None
-        if request.environ.get("wsgi.input_terminated"):        # chunked (gunicorn, the Werkzeug server)
+            size = request.content_length
+        elif request.environ.get("wsgi.input_terminated"):      # chunked (gunicorn, the Werkzeug server)
             data = request.environ["wsgi.input"].read(cap + 1)
-            if len(data) > cap:
-                return too_large
             request.environ["wsgi.input"] = io.BytesIO(data)     # still "terminated": read to its end
-        return None
+            size = len(data)
+        else:
+            return None
+        return _error(413, f"request body larger than ALR_MAX_REQUEST_BYTES={cap}") if size > cap else None
 
     def body() -> dict:
         data = request.get_json(silent=True)
