@@ -241,6 +241,14 @@ def _start_worker(tmp_path, name: str, epochs: int) -> subprocess.Popen:
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _stop_workers(workers: list[subprocess.Popen]) -> None:
+    """SIGTERM to each worker still running (its process group: worker and horse), then wait for it."""
+    for proc in workers:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
@@ -311,10 +319,7 @@ def test_a_killed_job_frees_its_project_and_its_events_reach_a_model(fake_ls, tm
         print(f"kill -9 of the {victim}: project freed after {freed:.1f}s, new version {version} after {recovered:.1f}s")
     finally:
         app.extensions["alr_watchdog"].stop()
-        for proc in survivors:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(30)
+        _stop_workers(survivors)
 
 
 def test_a_job_killed_while_it_waited_for_the_project_s_lock_does_not_hide_the_project_from_the_watchdog(
@@ -371,10 +376,7 @@ def test_a_job_killed_while_it_waited_for_the_project_s_lock_does_not_hide_the_p
         wait_until(both_trained, "the annotations of the killed jobs never reached a model", timeout=300)
     finally:
         app.extensions["alr_watchdog"].stop()
-        for proc in workers:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(30)
+        _stop_workers(workers)
 
 
 def _without_redis(monkeypatch):
