@@ -629,7 +629,8 @@ def train_project_job(project_id: int, reason: str = "") -> dict:
     is queued again by the web app's watchdog."""
     from rq import get_current_job
 
-    from .training_queue import RQTrainingQueue, RunningLock, claim_pending, clear_dirty, mark_dirty
+    from .training_queue import (RQTrainingQueue, RunningLock, claim_pending, clear_dirty, mark_dirty,
+                                 worker_asked_to_stop)
 
     if not logging.getLogger().handlers:      # an rq worker configures only its own logger
         logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
@@ -643,14 +644,17 @@ def train_project_job(project_id: int, reason: str = "") -> dict:
     progress("waiting for the project's running lock", 0.0)
     queue = RQTrainingQueue(job.connection, job.origin, job_timeout=settings.job_timeout)
     while not lock.acquire():
-        if queue.queue.count == 0:
+        stopping = worker_asked_to_stop(job.connection, job.worker_name)
+        if queue.queue.count == 0 and not stopping:
             continue         # nothing else to do for this worker: keep waiting (a few seconds a try)
-        # another job trains this project and other work waits: hand the events to a pending
-        # job at the back of the queue rather than hold this worker until that job ends
+        # another job trains this project, and other work waits or this worker was asked to stop
+        # (it would wait for the other training to end): hand the events to a pending job at the
+        # back of the queue rather than hold this worker until that job ends
         claim_pending(job.connection, project_id, job.id)
         events, reasons = _claimed_events(job, project_id, reason)
         handed = queue.request_training(project_id, reasons, events=events)
-        logger.info("project %d is being trained by another job: events handed to %s", project_id, handed["job_id"])
+        logger.info("project %d is being trained by another job: events handed to %s%s", project_id,
+                    handed["job_id"], " (this worker is asked to stop)" if stopping else "")
         return {"status": "deferred", "project": int(project_id), "to": handed["job_id"]}
     try:
         claim_pending(job.connection, project_id, job.id)

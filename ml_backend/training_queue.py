@@ -163,6 +163,15 @@ def _worker_alive(connection, worker_name: str) -> bool:
     return count > 0
 
 
+def worker_asked_to_stop(connection, worker_name: str | None) -> bool:
+    """rq records a warm shutdown (SIGTERM, SIGINT) that comes while its worker is busy in the
+    worker's hash, where the work horse's job can read it: the worker waits for that job to end."""
+    from rq import Worker
+
+    return bool(worker_name) and bool(connection.hexists(Worker.redis_worker_namespace_prefix + worker_name,
+                                                          "shutdown_requested_date"))
+
+
 def live_pending_job(connection, project_id: int) -> str | None:
     """The project's pending job if it is still coming: waiting in rq, or started by a worker that
     lives (it waits for the running lock and claims itself once it has it).  A pending key whose job

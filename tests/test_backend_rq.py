@@ -365,7 +365,10 @@ def test_a_job_killed_while_it_waited_for_the_project_s_lock_does_not_hide_the_p
         for proc in workers:
             kill(proc)
         assert conn.get("alr:train:1:pending").decode() == waiting and conn.get("alr:train:1:dirty")
-        assert app.extensions["alr"]["queue"].project_status(1)["pending_job"] is None    # it will never come
+        # it will never come: so it reads once redis has dropped the dead worker's connection (a moment
+        # after the kill, longer on a loaded machine)
+        wait_until(lambda: app.extensions["alr"]["queue"].project_status(1)["pending_job"] is None,
+                   "the job of a killed worker is still taken for one on its way", timeout=10)
         workers = [_start_worker(tmp_path, "worker-3", epochs=10)]
         store = ProjectStore(Settings.from_env().model_dir, 1)
 
@@ -374,6 +377,52 @@ def test_a_job_killed_while_it_waited_for_the_project_s_lock_does_not_hide_the_p
             return version and {7, 8} <= set(store.load_meta(version)["trusted_task_ids"])
         # A's lock lapses within its TTL, then the watchdog queues the project (a hang guard, not a target)
         wait_until(both_trained, "the annotations of the killed jobs never reached a model", timeout=300)
+    finally:
+        app.extensions["alr_watchdog"].stop()
+        _stop_workers(workers)
+
+
+def test_a_worker_asked_to_stop_while_its_job_waits_for_the_project_s_lock_hands_the_events_on_and_stops(
+        fake_ls, tmp_path, monkeypatch):
+    """Another worker's job trains the project (here the test holds its running lock) and this worker's
+    job waits for it, nothing else queued.  SIGTERM (docker compose stop, a scale-down): the worker
+    does not wait for the other training to end (compose grants a worker 10 minutes): its job hands
+    the events to a pending job at the back of the queue and the worker stops within seconds; that
+    job trains the annotation once the other training is over."""
+    from ml_backend.training_queue import live_pending_job
+
+    app = create_app()
+    client = app.test_client()
+    conn = redis.Redis.from_url(os.environ["REDIS_URL"])
+    assert conn.set("alr:train:1:running", b"another-job", ex=600)
+    workers = [_start_worker(tmp_path, "worker-1", epochs=10)]
+    try:
+        ann = fake_ls.annotate(7, "2")
+        r = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1},
+                                          "annotation": {**ann, "project": 1}})
+        assert r.status_code == 201, r.get_data(as_text=True)
+        waiting = r.get_json()["job_id"]
+        deadline = time.monotonic() + 60
+        while Job.fetch(waiting, connection=conn).get_status() != "started":
+            assert time.monotonic() < deadline, "the job was not started"
+            time.sleep(0.2)
+        time.sleep(1.0)                                   # in its wait for the running lock
+        t_signal = time.monotonic()
+        os.killpg(workers[0].pid, signal.SIGTERM)
+        assert workers[0].wait(60) == 0, "the worker did not stop"    # it waited for the lock, forever
+        print(f"SIGTERM under a waiting job: the worker stopped {time.monotonic() - t_signal:.1f}s after it")
+        result = Job.fetch(waiting, connection=conn).return_value()
+        assert result["status"] == "deferred", result
+        assert live_pending_job(conn, 1) == result["to"] != waiting
+        assert "(this worker is asked to stop)" in (tmp_path / "worker-1.log").read_text()
+
+        conn.delete("alr:train:1:running")                # the other training ends
+        workers = [_start_worker(tmp_path, "worker-2", epochs=10)]
+        store = ProjectStore(Settings.from_env().model_dir, 1)
+        deadline = time.monotonic() + 300                 # a hang guard
+        while not ((version := store.current_version()) and 7 in store.load_meta(version)["trusted_task_ids"]):
+            assert time.monotonic() < deadline, "the handed-on events never reached a model"
+            time.sleep(0.5)
     finally:
         app.extensions["alr_watchdog"].stop()
         _stop_workers(workers)
