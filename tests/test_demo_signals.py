@@ -25,12 +25,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.fixture(scope="module")
+def demo_workdir(tmp_path_factory):
+    """One work directory for both signals, as a user's runs/demo: the first run initialises Label
+    Studio's database (a minute of migrations), the second starts on it."""
+    return tmp_path_factory.mktemp("demo")
+
+
 @pytest.mark.redis
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_demo_stops_what_it_started_on(sig, tmp_path):
+def test_demo_stops_what_it_started_on(sig, demo_workdir):
     if not (REPO / ".ls-venv" / "bin" / "label-studio").exists():
         pytest.skip("Label Studio is not installed: bash scripts/setup_label_studio.sh")
-    demo = subprocess.Popen([sys.executable, "-m", "ml_backend.demo", "--workdir", str(tmp_path),
+    demo = subprocess.Popen([sys.executable, "-m", "ml_backend.demo", "--workdir", str(demo_workdir),
                              "--ls-port", str(free_port()), "--backend-port", str(free_port())],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     started: dict[str, int] = {}
