@@ -416,10 +416,12 @@ def test_health_says_why_label_studio_cannot_be_used(fake_ls, monkeypatch):
     assert "ConnectionError" in ls_status["error"]
 
 
-def test_the_webhook_gets_the_credentials_behind_a_proxy_and_again_after_label_studio_failed(fake_ls):
+@pytest.mark.parametrize("failing", ["webhooks", "ml_backends"])     # GET /api/webhooks/, then GET /api/ml
+def test_the_webhook_gets_the_credentials_behind_a_proxy_and_again_after_label_studio_failed(fake_ls, failing):
     """Label Studio knows the backend as https://ml.hospital.example/alr (a TLS proxy with a path
     prefix) while /setup arrives at http://localhost/: the webhook of the project's only ML backend
-    gets the credentials.  When Label Studio failed that first time, the next /setup tries again."""
+    gets the credentials.  When Label Studio failed that first time (its webhook list, or its list of
+    the project's ML backends), the next /setup tries again."""
     import base64
 
     from ml_backend.training_queue import ThreadTrainingQueue
@@ -439,7 +441,7 @@ def test_the_webhook_gets_the_credentials_behind_a_proxy_and_again_after_label_s
                 thread.join(30)
         return fake_ls.webhooks[0]["headers"].get("Authorization") == expected
 
-    fake_ls.fail_next("webhooks", 1)                    # Label Studio fails the first look
+    fake_ls.fail_next(failing, 1)                       # Label Studio fails the first look
     assert not set_up_and_wait()
     assert set_up_and_wait()                            # the next /setup tries again, through the proxy's URL
     assert fake_ls.webhooks[1]["headers"] == {}         # another project webhook keeps its own headers
@@ -759,6 +761,39 @@ def test_a_task_deleted_while_the_job_trained_is_left_out_and_the_version_is_pub
     pushed = [p["task"] for p in fake_ls.predictions if p["model_version"] == version]
     assert sorted(pushed) == sorted(set(fake_ls.tasks) - {203})       # each once; 203's image is broken
     assert "1 task(s) were deleted while the job trained (e.g. task 105)" in caplog.text
+
+
+def test_a_task_deleted_while_the_job_trained_and_label_studio_gone_at_the_re_listing_fail_the_job_cleanly(
+        fake_ls):
+    """As above, but Label Studio stops answering (503) when the job lists the tasks again after the
+    refusal: the job fails with a transient error (the project stays dirty: the watchdog runs it
+    again), nothing of its version is left in Label Studio, the project keeps no model version; once
+    Label Studio answers, the next job publishes a version without the deleted task."""
+    from ml_backend.ls_client import LabelStudioClient, LabelStudioError
+
+    class DeletedWhileTrainingThenGone(LabelStudioClient):
+        listings = 0
+
+        def iter_tasks(self, project_id, **kwargs):
+            self.listings += 1
+            yield from super().iter_tasks(project_id, **kwargs)
+            if self.listings == 1:
+                with fake_ls.lock:
+                    fake_ls.tasks.pop(105, None)
+                fake_ls.fail_next("tasks", 10**6)            # gone by the time the job lists again
+
+    settings = Settings.from_env().replace(predictions_batch_size=2)    # batches before 105's landed
+    client = DeletedWhileTrainingThenGone(settings.label_studio_url, settings.label_studio_api_key)
+    with pytest.raises(LabelStudioError) as failure:
+        run_training_job(1, settings=settings, client=client)
+    assert failure.value.transient and client.listings == 2
+    assert fake_ls.projects[1].get("model_version") in (None, "") and not fake_ls.predictions
+
+    fake_ls.fail_next("tasks", 0)
+    result = run_training_job(1, settings=settings)
+    assert result["status"] in ("trained", "published") and fake_ls.projects[1]["model_version"] == result["model_version"]
+    pushed = [p["task"] for p in fake_ls.predictions if p["model_version"] == result["model_version"]]
+    assert sorted(pushed) == sorted(set(fake_ls.tasks) - {203})
 
 
 def test_refused_events_are_capped_per_project_keeping_the_newest(tmp_path, monkeypatch, caplog):
