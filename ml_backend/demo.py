@@ -219,7 +219,7 @@ class Stack:
         self.start_web_app(timeout)
         self.start_worker()
 
-    def start_worker(self, timeout: float = 30) -> None:
+    def start_worker(self, timeout: float = 60) -> None:
         """One rq worker (again, after it was stopped or killed) with the environment of start_backend;
         returns once the web app's /health counts it."""
         self._spawn("worker", [self.python, "-m", "ml_backend.worker", "--url", self.redis_url,

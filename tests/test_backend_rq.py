@@ -59,7 +59,7 @@ def rq_worker(fake_ls, tmp_path):
                              "alr-test"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     conn = redis.Redis.from_url(os.environ["REDIS_URL"])
     from rq import Worker
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while not Worker.all(connection=conn) and time.monotonic() < deadline:
         time.sleep(0.1)
     yield proc
@@ -286,6 +286,25 @@ def _stop_workers(workers: list[subprocess.Popen]) -> None:
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
+
+
+def test_every_work_horse_starts_with_the_training_code_the_worker_imported_once(rq_env, tmp_path):
+    """rq forks a work horse per job: without the worker's preload, each retraining imported torch and
+    the engine first, 2-5 s of a job that fine-tunes for one."""
+    from rq import Queue
+
+    worker = _start_worker(tmp_path, "worker", epochs=20)
+    try:
+        job = Queue("alr-test", connection=redis.Redis.from_url(rq_env)).enqueue("tests.rq_jobs.imported",
+                                                                               "model.engine")
+        deadline = time.monotonic() + 120
+        while job.get_status() not in (JobStatus.FINISHED, JobStatus.FAILED):
+            assert time.monotonic() < deadline, "the worker did not run the job"
+            time.sleep(0.2)
+        assert job.return_value() is True
+    finally:
+        _stop_workers([worker])
+    assert "training code loaded in" in (tmp_path / "worker.log").read_text()
 
 
 @pytest.mark.parametrize("victim", ["work horse", "worker and horse"])
