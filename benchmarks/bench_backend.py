@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._results import code_version, replace_section  # noqa: E402
 from ml_backend.app import create_app  # noqa: E402
+from ml_backend.demo import choice_annotation  # noqa: E402
 from ml_backend.labelconfig import parse_label_config  # noqa: E402
 from ml_backend.ls_client import LabelStudioClient  # noqa: E402
 from ml_backend.settings import Settings  # noqa: E402
@@ -145,8 +146,7 @@ def bench_reconcile(ls_url: str, api_key: str, sizes=(200, 5000, 20000)) -> list
         import_tasks(client, project, n)
         first = client.request("GET", "/api/tasks", params={"project": project, "page_size": RECONCILE_ANNOTATED})
         for task in first["tasks"] if isinstance(first, dict) else first:
-            client.request("POST", f"/api/tasks/{task['id']}/annotations", json={"was_cancelled": False, "result": [
-                {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["1"]}}]})
+            client.request("POST", f"/api/tasks/{task['id']}/annotations", json=choice_annotation(1))
         calls = {"project": lambda: client.get_project(project),
                  "summary": lambda: client.get_project_summary(project),
                  "newest task update": lambda: client.newest_task_update(project)}

@@ -47,6 +47,17 @@ DIGITS_LABEL_CONFIG = """<View>
 </View>"""
 
 
+def choice_annotation(label, completed_by: int | None = None) -> dict:
+    """An annotation choosing ``label`` in DIGITS_LABEL_CONFIG: the body of POST
+    /api/tasks/<id>/annotations, or one of a task's ``annotations`` in an import (``completed_by``:
+    a member's id; without it, the user who makes the call)."""
+    annotation = {"was_cancelled": False, "result": [
+        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [str(label)]}}]}
+    if completed_by is not None:
+        annotation["completed_by"] = completed_by
+    return annotation
+
+
 # -- the data set -----------------------------------------------------------------------
 @dataclass
 class DigitsProject:
@@ -281,12 +292,17 @@ class LS:
         return self.call("POST", "/api/projects", json={"title": title, "label_config": label_config})["id"]
 
     def upload_images(self, project_id: int, data: DigitsProject, label_field: str = "label",
-                      batch: int = 50) -> dict[int, int]:
+                      batch: int = 50, annotations: dict[int, list[dict]] | None = None) -> dict[int, int]:
         """Upload the PNGs, then import one task per image: {"image": "/data/upload/...",
         <label_field>: noisy label}.  Returns task id -> position in ``data``.
 
+        ``annotations``: position in ``data`` -> the annotations imported with that task, as an
+        export of an earlier team's project holds them (``result``, ``completed_by`` a member's id;
+        without it, the importing user).  Label Studio counts them toward the task's overlap.
+
         The files are uploaded without creating tasks (commit_to_project=false) so that the
-        tasks can be imported with their label in one request (a PATCH per task is slow)."""
+        tasks can be imported with their label in one request (a PATCH per task, or a POST per
+        annotation, is slow: a quarter of a second each)."""
         urls: dict[str, str] = {}
         for start in range(0, len(data.files), batch):
             # one form field per file (Label Studio keeps one file per field name)
@@ -297,7 +313,8 @@ class LS:
             for upload in self.call("GET", f"/api/projects/{project_id}/file-uploads",
                                     params={"ids": json.dumps(body["file_upload_ids"])}):
                 urls[upload["file"].rsplit("/", 1)[-1].split("-", 1)[-1]] = f"/data/{upload['file']}"
-        tasks = [{"image": urls[name], label_field: str(data.given[i])} for i, (name, _) in enumerate(data.files)]
+        tasks = [{"data": {"image": urls[name], label_field: str(data.given[i])},
+                  "annotations": (annotations or {}).get(i, [])} for i, (name, _) in enumerate(data.files)]
         self.call("POST", f"/api/projects/{project_id}/import", json=tasks, timeout=300)
         position = {urls[name]: i for i, (name, _) in enumerate(data.files)}
         mapping = {task["id"]: position[task["data"]["image"]] for task in self.tasks(project_id)}

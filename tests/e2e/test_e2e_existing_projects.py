@@ -6,8 +6,9 @@
   resolver answers 303 to the S3 host, which the backend follows with no ALR_IMAGE_HOSTS entry),
   one with Label Studio proxying the bytes; the images are real-size scans: 224-300 px, RGB and
   grey, 8- and 16-bit PNG and JPEG, with EXIF orientation, of mixed sizes;
-* labels made by a team: three annotators per task (users created through the API), the noisy
-  label their majority, one expert named by e-mail whose relabels are trusted;
+* labels made by a team: three annotators per task (users created through the API, their
+  annotations imported with the tasks as a project's export holds them), the noisy label their
+  majority, one expert named by e-mail whose relabels are trusted;
 * a project of 224 px RGB images trained AT 224 px in fast mode (``ALR_FROZEN_BACKBONE``: a frozen
   ResNet-18, random here as nothing may be downloaded), then retrained after relabels from the
   embeddings it cached.
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml_backend.demo import REPO, DigitsProject, free_port, make_digits_project, wait_http
+from ml_backend.demo import REPO, DigitsProject, choice_annotation, free_port, make_digits_project, wait_http
 from tests.e2e.conftest import backend_stack, current_predictions, ls_api, print_logs, wait_idle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -193,22 +194,19 @@ def team_project(label_studio, admin_pat, tmp_path_factory):
         data = make_digits_project(n_images=120, noise_rate=NOISE_RATE, seed=13)
         pid = ls.create_project("Labelled by a team")
         ls.call("PATCH", f"/api/projects/{pid}", json={"maximum_annotations": 3})
-        mapping = ls.upload_images(pid, data, label_field="imported_as")
+
         rng = np.random.default_rng(13)
-        dissent = {}
-        for tid, i in mapping.items():
-            third = data.given[i] if rng.random() < 0.5 else int(rng.choice([c for c in range(10) if c != data.given[i]]))
-            dissent[tid] = third != data.given[i]
-            for role, label in (("annotator-1", data.given[i]), ("annotator-2", data.given[i]), ("annotator-3", third)):
-                ls.call("POST", f"/api/tasks/{tid}/annotations", json={
-                    "completed_by": people[role]["id"], "was_cancelled": False, "result": [
-                        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [str(label)]}}]})
-        relabelled = [tid for tid, i in mapping.items() if data.given[i] != data.truth[i]][:6]
-        for tid in relabelled:            # the expert corrects six of the wrong majorities
-            ls.call("POST", f"/api/tasks/{tid}/annotations", json={
-                "completed_by": people["radiologist"]["id"], "was_cancelled": False, "result": [
-                    {"from_name": "label", "to_name": "image", "type": "choices",
-                     "value": {"choices": [str(data.truth[mapping[tid]])]}}]})
+        third = [data.given[i] if rng.random() < 0.5 else int(rng.choice([c for c in range(10) if c != data.given[i]]))
+                 for i in range(len(data.given))]
+        relabelled_at = [i for i in range(len(data.given)) if data.given[i] != data.truth[i]][:6]
+        ids = {role: person["id"] for role, person in people.items()}
+        team = {i: [choice_annotation(data.given[i], ids["annotator-1"]),
+                    choice_annotation(data.given[i], ids["annotator-2"]), choice_annotation(third[i], ids["annotator-3"])]
+                   + ([choice_annotation(data.truth[i], ids["radiologist"])] if i in relabelled_at else [])  # six wrong
+                for i in range(len(data.given))}                                     # majorities, corrected by the expert
+        mapping = ls.upload_images(pid, data, label_field="imported_as", annotations=team)   # as an export holds them
+        dissent = {tid: third[i] != data.given[i] for tid, i in mapping.items()}
+        relabelled = [tid for tid, i in mapping.items() if i in relabelled_at]
         stack.start_redis()
         stack.start_backend(admin_pat, {**BACKEND_ENV, "ALR_CHANNELS": "1", "ALR_LABEL_SOURCE": "annotation",
                                         "ALR_EXPERT_EMAILS": people["radiologist"]["email"]})
@@ -292,9 +290,7 @@ def test_a_project_of_224px_rgb_images_in_fast_mode_is_ordered_and_retrains_from
 
     suspects = sorted(preds, key=lambda tid: preds[tid]["score"])[:3]
     for tid in suspects:                  # a reviewer relabels the three lowest-scored tasks
-        ls.call("POST", f"/api/tasks/{tid}/annotations", json={
-            "result": [{"from_name": "label", "to_name": "image", "type": "choices",
-                        "value": {"choices": [str(truth[tid][1])]}}], "was_cancelled": False})
+        ls.call("POST", f"/api/tasks/{tid}/annotations", json=choice_annotation(truth[tid][1]))
     ls.wait_model_version(pid, not_in={version}, timeout=300)
     wait_idle(fast_mode_project["stack"], pid)
     new = ls.project(pid)["model_version"]

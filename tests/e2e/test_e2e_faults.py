@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from ml_backend.demo import build_demo_project, make_digits_project
+from ml_backend.demo import build_demo_project, choice_annotation, make_digits_project
 from ml_backend.store import ProjectStore
 from tests.e2e.conftest import backend_stack, current_predictions, ls_api, print_logs, wait_idle
 
@@ -173,9 +173,7 @@ def test_a_backend_published_under_a_path_prefix_gets_its_webhook_credentials_an
                  if h["url"] == front.url + "/alr/webhook"]
         assert len(hooks) == 1 and (hooks[0].get("headers") or {}).get("Authorization", "").startswith("Basic ")
         tid, i = next(iter(mapping.items()))
-        ls.call("POST", f"/api/tasks/{tid}/annotations", json={"result": [
-            {"from_name": "label", "to_name": "image", "type": "choices",
-             "value": {"choices": [str(data.truth[i])]}}], "was_cancelled": False})
+        ls.call("POST", f"/api/tasks/{tid}/annotations", json=choice_annotation(data.truth[i]))
         new = ls.wait_model_version(pid, not_in={first}, timeout=300)
         store = ProjectStore(Path(faulty["workdir"]) / "models", pid)
         assert tid in store.load_meta(new)["trusted_task_ids"]
@@ -193,9 +191,7 @@ def test_a_failed_push_keeps_the_previous_version_and_the_next_push_completes(fa
     tid, (given, true) = next(iter(faulty["truth"].items()))
     proxy.imports_seen, proxy.failing = 0, True
     t0 = time.monotonic()
-    ls.call("POST", f"/api/tasks/{tid}/annotations", json={"result": [
-        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [str(true)]}}],
-        "was_cancelled": False})
+    ls.call("POST", f"/api/tasks/{tid}/annotations", json=choice_annotation(true))
     worker_log = Path(faulty["workdir"]) / "worker.log"
     deadline = time.monotonic() + 300
     while "publishing" not in worker_log.read_text() or proxy.refused < 3:
@@ -239,9 +235,7 @@ def test_a_worker_killed_mid_push_leaves_the_served_version_whole_and_a_new_work
     true = faulty["truth"][tid][1]
     proxy.imports_seen, proxy.holding = 0, True
     proxy.held.clear(), proxy.release.clear()
-    ls.call("POST", f"/api/tasks/{tid}/annotations", json={"result": [
-        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [str(true)]}}],
-        "was_cancelled": False})
+    ls.call("POST", f"/api/tasks/{tid}/annotations", json=choice_annotation(true))
     assert proxy.held.wait(300), "the push never reached its second batch"
     half = [v for v in ls.call("GET", f"/api/projects/{pid}/model-versions/") if v.startswith("alr-") and v != before]
     assert len(half) == 1, half                          # the first batch of the version being pushed is in
@@ -287,9 +281,7 @@ def test_a_proxy_blip_on_the_job_s_reads_is_asked_again_and_the_job_trains_throu
     proxy.blip("/model-versions/", 1)
     proxy.blip("/import/predictions", 1, answer_lost=True)
     t0 = time.monotonic()
-    ls.call("POST", f"/api/tasks/{tid}/annotations", json={"result": [
-        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [str(true)]}}],
-        "was_cancelled": False})
+    ls.call("POST", f"/api/tasks/{tid}/annotations", json=choice_annotation(true))
     new = ls.wait_model_version(pid, not_in={before}, timeout=300)
     wait_idle(stack, pid)
     print(f"{proxy.blipped} answers of 502 (one after Label Studio created a batch); published {time.monotonic() - t0:.0f}s after the annotation")

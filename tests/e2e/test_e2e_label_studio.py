@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 
-from ml_backend.demo import LS, Stack, build_demo_project, make_digits_project
+from ml_backend.demo import LS, Stack, build_demo_project, choice_annotation, make_digits_project
 from tests.e2e.conftest import backend_stack, current_predictions, ls_api, print_logs, wait_idle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -92,9 +92,7 @@ def test_relabel_through_the_api_makes_a_new_version_with_that_label_trusted(e2e
     tid = e2e.get("next_task") or min(current_predictions(ls, pid, old).items(), key=lambda kv: kv[1]["score"])[0]
     given, true = e2e["truth"][tid]
     t0 = time.monotonic()
-    ls.call("POST", f"/api/tasks/{tid}/annotations", json={
-        "result": [{"from_name": "label", "to_name": "image", "type": "choices",
-                    "value": {"choices": [str(true)]}}], "was_cancelled": False})
+    ls.call("POST", f"/api/tasks/{tid}/annotations", json=choice_annotation(true))
     new = ls.wait_model_version(pid, not_in={old}, timeout=300)      # ANNOTATION_CREATED webhook -> job
     wait_idle(e2e["stack"], pid)
     new = ls.project(pid)["model_version"]
@@ -119,9 +117,7 @@ def test_annotation_burst_and_deletion_through_label_studio_reach_the_model(e2e)
     before = len(versions(stack, pid))
     annotated = {}
     for tid, (given, true) in list(e2e["truth"].items())[:15]:
-        ann = ls.call("POST", f"/api/tasks/{tid}/annotations", json={
-            "result": [{"from_name": "label", "to_name": "image", "type": "choices",
-                        "value": {"choices": [str(true)]}}], "was_cancelled": False})
+        ann = ls.call("POST", f"/api/tasks/{tid}/annotations", json=choice_annotation(true))
         annotated[tid] = ann["id"]
     wait_idle(stack, pid)
     jobs = len(versions(stack, pid)) - before
@@ -155,9 +151,7 @@ def test_annotations_made_while_redis_was_down_reach_a_model(e2e):
     stack.stop("redis")
     t0 = time.monotonic()
     for tid in annotated:
-        ls.call("POST", f"/api/tasks/{tid}/annotations", json={
-            "result": [{"from_name": "label", "to_name": "image", "type": "choices",
-                        "value": {"choices": [str(e2e["truth"][tid][1])]}}], "was_cancelled": False})
+        ls.call("POST", f"/api/tasks/{tid}/annotations", json=choice_annotation(e2e["truth"][tid][1]))
     assert f"webhook ANNOTATION_CREATED for project {pid} NOT queued" in (Path(e2e["workdir"]) / "backend.log").read_text()
     stack.start_redis()
     new = ls.wait_model_version(pid, not_in={version}, timeout=300)
@@ -176,9 +170,8 @@ def test_an_annotation_edited_while_redis_was_down_reaches_a_model(e2e):
     wait_idle(stack, pid)
     tid = next(t for t in e2e["truth"] if not ls.call("GET", f"/api/tasks/{t}/annotations"))
     version = ls.project(pid)["model_version"]
-    annotation = ls.call("POST", f"/api/tasks/{tid}/annotations", json={   # with redis up: a model trusts it
-        "result": [{"from_name": "label", "to_name": "image", "type": "choices",
-                    "value": {"choices": [str(e2e["truth"][tid][1])]}}], "was_cancelled": False})
+    annotation = ls.call("POST", f"/api/tasks/{tid}/annotations",      # with redis up: a model trusts it
+                         json=choice_annotation(e2e["truth"][tid][1]))
     ls.wait_model_version(pid, not_in={version}, timeout=300)
     wait_idle(stack, pid)
     version = ls.project(pid)["model_version"]
@@ -188,8 +181,7 @@ def test_an_annotation_edited_while_redis_was_down_reaches_a_model(e2e):
     counts_before = [ls.project(pid)[f] for f in ("total_annotations_number", "num_tasks_with_annotations")]
     stack.stop("redis")
     t0 = time.monotonic()
-    ls.call("PATCH", f"/api/annotations/{annotation['id']}", json={"result": [
-        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [other]}}]})
+    ls.call("PATCH", f"/api/annotations/{annotation['id']}", json={"result": choice_annotation(other)["result"]})
     assert [ls.project(pid)[f] for f in ("total_annotations_number", "num_tasks_with_annotations")] == counts_before
     assert f"webhook ANNOTATION_UPDATED for project {pid} NOT queued" in \
         (Path(e2e["workdir"]) / "backend.log").read_text()
@@ -215,9 +207,8 @@ def test_a_swap_made_while_redis_or_the_backend_was_down_reaches_a_model(e2e, do
     second = next(t for t in tids[1:] if e2e["truth"][t][1] != e2e["truth"][first][1])
     labels = {first: str(e2e["truth"][first][1]), second: str(e2e["truth"][second][1])}
     version = ls.project(pid)["model_version"]
-    annotations = {tid: ls.call("POST", f"/api/tasks/{tid}/annotations", json={
-        "result": [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}],
-        "was_cancelled": False}) for tid, label in labels.items()}
+    annotations = {tid: ls.call("POST", f"/api/tasks/{tid}/annotations", json=choice_annotation(label))
+                   for tid, label in labels.items()}
     ls.wait_model_version(pid, not_in={version}, timeout=300)
     wait_idle(stack, pid)
     version = ls.project(pid)["model_version"]
@@ -231,8 +222,7 @@ def test_a_swap_made_while_redis_or_the_backend_was_down_reaches_a_model(e2e, do
     stack.stop(down)
     t0 = time.monotonic()
     for tid, other in ((first, labels[second]), (second, labels[first])):
-        ls.call("PATCH", f"/api/annotations/{annotations[tid]['id']}", json={"result": [
-            {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [other]}}]})
+        ls.call("PATCH", f"/api/annotations/{annotations[tid]['id']}", json={"result": choice_annotation(other)["result"]})
     assert state() == before                             # nothing Label Studio counts moved
     refused = Path(e2e["workdir"]) / "models" / f"project-{pid}" / "refused-events"
     assert len(list(refused.glob("*.json"))) == (2 if down == "redis" else 0)
