@@ -311,13 +311,16 @@ def unreachable_allowance(num_tasks: int) -> int:
 
 def run_training_job(project_id: int, *, settings: Settings | None = None, reason: str = "",
                      progress: Progress | None = None, client: LabelStudioClient | None = None,
-                     may_publish: Callable[[], bool] | None = None) -> dict:
+                     may_publish: Callable[[], bool] | None = None,
+                     newer_job_queued: Callable[[], bool] | None = None) -> dict:
     """Train (Phase 1 first, Phase 2 fine-tuning after), publish a version, push predictions.
 
     Returns a summary dict (also the rq job result).  Raises on errors that must fail the
     job (Label Studio unreachable, bad key, bad config); a half-written version is removed.
     ``may_publish`` is asked right before a version is published (the rq job: does it still hold
-    its project's running lock?); False raises :class:`SupersededError`.
+    its project's running lock?); False raises :class:`SupersededError`.  ``newer_job_queued`` is
+    asked before older versions' predictions are deleted (the rq job: did events come meanwhile?);
+    True leaves them to that job (:func:`prune_unless_a_newer_job_is_queued`).
     """
     settings = settings or Settings.from_env()
     progress = progress or _JobProgress()
@@ -363,6 +366,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     forced = FORCED_REASONS.intersection(reason.split(","))
     if previous and prev_meta.get("training_inputs") == inputs and not forced:
         store.update_meta(previous, annotation_state=annotations_before)    # reconciliation: seen, nothing to do
+        prune_unless_a_newer_job_is_queued(client, p, settings, previous, newer_job_queued)   # left by the job before
         progress("done", 1.0)
         logger.info("project %d: no label, task, labelling config or setting changed since version %s (reason: "
                     "%s): not retraining. A TRAIN request retrains anyway.", p, previous, reason or "-")
@@ -374,7 +378,8 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         store.update_meta(trained, annotation_state=annotations_before)
         results = store.load(trained)
         client.delete_prediction_version(p, trained)      # what a job killed mid-push left of it
-        served = serve_version(client, store, p, trained, results.items, info, settings, progress, may_publish)
+        served = serve_version(client, store, p, trained, results.items, info, settings, progress, may_publish,
+                               newer_job_queued)
         return {"status": "published", "project": p, "model_version": trained, **served,
                 "seconds": round(time.monotonic() - t0, 2)}
 
@@ -485,7 +490,8 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         raise
     logger.info("project %d: model version %s saved (phase %d, %d trained, %d trusted)", p, version,
                 phase, len(train_pos), n_trusted)
-    served = serve_version(client, store, p, version, records, info, settings, progress, may_publish)
+    served = serve_version(client, store, p, version, records, info, settings, progress, may_publish,
+                           newer_job_queued)
     return {"status": "trained", "project": p, "model_version": version, "phase": phase,
             "n_trained": len(train_pos), "n_trusted": n_trusted, "skipped_images": len(errors), **served,
             "seconds": round(time.monotonic() - t0, 2)}
@@ -507,7 +513,8 @@ def unpublished_version(store: ProjectStore, inputs: str) -> str | None:
 
 def serve_version(client: LabelStudioClient, store: ProjectStore, p: int, version: str, records: dict[int, dict],
                   info: LabelConfigInfo, settings: Settings, progress: Progress,
-                  may_publish: Callable[[], bool] | None = None) -> dict:
+                  may_publish: Callable[[], bool] | None = None,
+                  newer_job_queued: Callable[[], bool] | None = None) -> dict:
     """Publish a version on disk to Label Studio (all or nothing, :func:`publish_version`), make it the
     backend's CURRENT, point the review at it, and prune older predictions and checkpoints.
     Returns the figures of the push for the job's summary; raises :class:`SupersededError` when
@@ -531,7 +538,7 @@ def serve_version(client: LabelStudioClient, store: ProjectStore, p: int, versio
             logger.warning("project %d: could not reopen the suspects for review (%s): the label stream stays as "
                            "it was until the next version", p, exc)
     push_seconds = time.monotonic() - t_push
-    pruned = prune_prediction_versions(client, p, keep=settings.keep_prediction_versions, current=version)
+    pruned = prune_unless_a_newer_job_is_queued(client, p, settings, version, newer_job_queued)
     try:
         store.prune_checkpoints(keep=settings.keep_checkpoints)
     except OSError as exc:        # the version is published; the next job prunes again
@@ -591,6 +598,19 @@ def _predictions_of_tasks_still_there(client: LabelStudioClient, project_id: int
     return kept
 
 
+def prune_unless_a_newer_job_is_queued(client: LabelStudioClient, project_id: int, settings: Settings, current: str,
+                                       newer_job_queued: Callable[[], bool] | None) -> list[str]:
+    """:func:`prune_prediction_versions`, unless events came while this job ran and a newer job of the
+    project is queued: Label Studio deletes predictions one at a time (19 ms each on SQLite, 1.23.2: 95 s
+    for a 5,000-task version), and the relabels that job trains on should not wait for that.  It prunes
+    every older version when it publishes, or when it finds nothing to train."""
+    if newer_job_queued is not None and newer_job_queued():
+        logger.info("project %d: a newer job is queued: the older versions' predictions are left for it to delete",
+                    project_id)
+        return []
+    return prune_prediction_versions(client, project_id, keep=settings.keep_prediction_versions, current=current)
+
+
 def prune_prediction_versions(client: LabelStudioClient, project_id: int, *, keep: int, current: str) -> list[str]:
     """Delete the predictions of this backend's older versions (names ``alr-...``) from Label
     Studio, keeping the newest ``keep`` (0 = keep all).  Other models' predictions are never
@@ -629,8 +649,8 @@ def train_project_job(project_id: int, reason: str = "") -> dict:
     is queued again by the web app's watchdog."""
     from rq import get_current_job
 
-    from .training_queue import (RQTrainingQueue, RunningLock, claim_pending, clear_dirty, mark_dirty,
-                                 worker_asked_to_stop)
+    from .training_queue import (RQTrainingQueue, RunningLock, claim_pending, clear_dirty, live_pending_job,
+                                 mark_dirty, worker_asked_to_stop)
 
     if not logging.getLogger().handlers:      # an rq worker configures only its own logger
         logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
@@ -661,8 +681,9 @@ def train_project_job(project_id: int, reason: str = "") -> dict:
         mark_dirty(job.connection, project_id, job.id)
         _, reasons = _claimed_events(job, project_id, reason)
         try:
-            result = run_training_job(project_id, settings=settings, reason=reasons, progress=progress,
-                                      may_publish=lock.still_held)
+            result = run_training_job(
+                project_id, settings=settings, reason=reasons, progress=progress, may_publish=lock.still_held,
+                newer_job_queued=lambda: live_pending_job(job.connection, project_id) is not None)
         except SupersededError as exc:
             logger.warning("project %d: %s", project_id, exc)   # its dirty mark is the other job's now: left as it is
             return {"status": "superseded", "project": int(project_id)}

@@ -187,6 +187,21 @@ def test_a_job_asks_label_studio_again_through_a_blip_and_trains(fake_ls, caplog
     assert "HTTP 503" in caplog.text and "asking again" in caplog.text
 
 
+def test_a_job_with_a_newer_one_queued_leaves_the_older_predictions_to_it(fake_ls):
+    """Label Studio deletes a version's predictions one by one (95 s for 5,000 tasks): a job after
+    which a newer one is queued (relabels came while it trained) publishes and leaves the deletion
+    to that job, which does it also when it finds nothing to train."""
+    settings = Settings.from_env()
+    first = run_training_job(1, settings=settings)["model_version"]
+    fake_ls.annotate(200, "2")
+    second = run_training_job(1, settings=settings, newer_job_queued=lambda: True)
+    assert second["pruned_versions"] == [] and fake_ls.projects[1]["model_version"] == second["model_version"]
+    assert {p["model_version"] for p in fake_ls.predictions} == {first, second["model_version"]}
+    unchanged = run_training_job(1, settings=settings, reason="ANNOTATION_CREATED", newer_job_queued=lambda: False)
+    assert unchanged["status"] == "unchanged"
+    assert {p["model_version"] for p in fake_ls.predictions} == {second["model_version"]}
+
+
 def test_keep_prediction_versions_zero_keeps_all_and_keep_checkpoints_one_only_the_current(fake_ls):
     settings = Settings.from_env().replace(keep_prediction_versions=0, keep_checkpoints=1)
     store = ProjectStore(settings.model_dir, 1)

@@ -186,6 +186,12 @@ def test_the_worker_waits_for_an_orphaned_work_horse_and_stops_waiting_when_aske
 
 
 def test_burst_of_50_webhooks_at_most_2_jobs_final_model_has_every_annotation(fake_ls, rq_worker):
+    """A served version, then 50 annotations: at most two jobs; a first job that ends with the second
+    queued leaves the older predictions to it (Label Studio deletes them one by one), and the second
+    deletes them: Label Studio holds the final version's predictions only."""
+    from ml_backend.training import run_training_job
+
+    served = run_training_job(1, settings=Settings.from_env())["model_version"]
     client = create_app().test_client()
     conn = redis.Redis.from_url(os.environ["REDIS_URL"])
     annotated = {}
@@ -216,6 +222,9 @@ def test_burst_of_50_webhooks_at_most_2_jobs_final_model_has_every_annotation(fa
     assert {int(k): v for k, v in meta["trained_task_labels"].items() if int(k) in annotated} == annotated
     assert fake_ls.projects[1]["model_version"] == final
     assert jobs[-1].meta["progress"]["stage"] == "done"
+    pruned = [set(job.return_value()["pruned_versions"]) for job in jobs]
+    assert pruned == ([{served}] if len(jobs) == 1 else [set(), {jobs[0].return_value()["model_version"], served}])
+    assert {p["model_version"] for p in fake_ls.predictions} == {final}
     print(f"50 webhooks in {burst_seconds:.2f}s -> {len(jobs)} job(s)")
 
 
