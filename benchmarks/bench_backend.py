@@ -118,16 +118,20 @@ def bench_push(ls_url: str, api_key: str, n_tasks: int = 1000, batch_sizes=(100,
         t0 = time.perf_counter()
         client.patch_project(project, model_version="bench-v1")
         patch = time.perf_counter() - t0
+        t0 = time.perf_counter()                 # what the next version's job does to this one
+        client.delete_prediction_version(project, "bench-v1")
+        delete = time.perf_counter() - t0
         if batch is None:
             continue
-        rows.append({"batch": batch, "tasks": len(ids), "created": created, "push_s": push, "patch_s": patch})
+        rows.append({"batch": batch, "tasks": len(ids), "created": created, "push_s": push, "patch_s": patch,
+                     "delete_s": delete})
     # for comparison: one prediction per request (POST /api/predictions), 100 of them, x10
     t0 = time.perf_counter()
     for pred in preds[:100]:
         client.request("POST", "/api/predictions", json={**pred, "project": project})
     single = (time.perf_counter() - t0) * len(preds) / 100
     rows.append({"batch": 1, "tasks": len(ids), "created": len(ids), "push_s": single, "patch_s": float("nan"),
-                 "note": "POST /api/predictions one by one; 100 timed, x10"})
+                 "delete_s": float("nan"), "note": "POST /api/predictions one by one; 100 timed, x10"})
     return rows
 
 
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 created = client.import_predictions(1, preds, batch_size=batch)
                 rows.append({"batch": batch, "tasks": 1000, "created": created,
-                             "push_s": time.perf_counter() - t0, "patch_s": float("nan")})
+                             "push_s": time.perf_counter() - t0, "patch_s": float("nan"), "delete_s": float("nan")})
         else:
             url, token = args.ls_url, args.ls_token
             if not url:
@@ -227,13 +231,15 @@ def main(argv=None) -> int:
              f"| Flask test client (in process) | {pred['test_client_median_ms']:.2f} | {pred['test_client_p95_ms']:.2f} |",
              f"| HTTP on loopback (Werkzeug threaded server) | {pred['http_median_ms']:.2f} | {pred['http_p95_ms']:.2f} |",
              "", f"Pushing predictions for 1,000 tasks (`POST /api/projects/<id>/import/predictions`, "
-             f"then `PATCH model_version`) against the {target}:", "",
-             "| batch size | requests | created | push (s) | PATCH (s) | predictions / s | note |",
-             "|---|---|---|---|---|---|---|"]
+             f"then `PATCH model_version`), and deleting them again as the next version's job does (`DELETE "
+             f"/api/projects/<id>/model-versions/`), against the {target}:", "",
+             "| batch size | requests | created | push (s) | PATCH (s) | predictions / s | delete the version (s) "
+             "| note |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['batch']} | {-(-row['tasks'] // row['batch'])} | {row['created']} | "
                      f"{row['push_s']:.2f} | {row['patch_s']:.2f} | {row['created'] / row['push_s']:.0f} | "
-                     f"{row.get('note', '')} |")
+                     f"{row['delete_s']:.2f} | {row.get('note', '')} |")
     if reconcile_rows:
         lines += ["", f"One reconciliation period per served project (`ALR_RECONCILE_SECONDS`: the project, its "
                   f"summary, its most recently updated task; mean of {RECONCILE_REPEATS} calls) against a job's "
