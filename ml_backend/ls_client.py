@@ -24,6 +24,9 @@ from typing import Callable, Iterator, Sequence, TypeVar
 from urllib.parse import urljoin, urlparse
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +153,9 @@ class LabelStudioClient:
         self.timeout = timeout
         self.image_hosts = tuple(image_hosts)      # hosts besides Label Studio images may come from
         self.session = session or requests.Session()
+        # hosts of ALR_IMAGE_HOSTS' *.domain patterns are fetched through a session that checks the
+        # address it connected to (see _PublicPeerAdapter)
+        self._pattern_session = _public_peer_session() if any(h.startswith("*.") for h in self.image_hosts) else None
         self._mode = "pat" if _looks_like_jwt(self._key) else "legacy"
         self._access: str | None = None
         self.attempts, self.retry_wait = attempts, retry_wait
@@ -371,13 +377,15 @@ class LabelStudioClient:
             else:
                 if presigned:
                     reason = None if urlparse(target).scheme in ("http", "https") else "not an http(s) URL"
+                    session = self.session
                 else:
                     reason = fetch_refusal(target, self.image_hosts)
+                    session = self.session if _named_exactly(target, self.image_hosts) else self._pattern_session
                 if reason:
                     raise FetchRefused(f"refused to fetch {_host(target)}: {reason}")
                 presigned = False
                 try:
-                    r = self.session.get(target, timeout=self.timeout, stream=True, allow_redirects=False)
+                    r = session.get(target, timeout=self.timeout, stream=True, allow_redirects=False)
                 except requests.RequestException as exc:
                     raise _no_answer(f"GET {_host(target)}", exc) from None
                 if r.status_code >= 400:
@@ -415,7 +423,8 @@ def fetch_refusal(url: str, allowed_hosts: Sequence[str]) -> str | None:
     ``allowed_hosts`` (ALR_IMAGE_HOSTS) holds exact host names, trusted at any address (an
     image server on the hospital's network), and ``*.domain`` patterns, whose hosts must
     resolve to public addresses only: a pattern never opens loopback, private or link-local
-    addresses (cloud metadata, the backend's neighbours) to whoever writes a task.
+    addresses (cloud metadata, the backend's neighbours) to whoever writes a task.  The
+    download itself checks the address it connects to again (:class:`_PublicPeerAdapter`).
     """
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https"):
@@ -423,7 +432,7 @@ def fetch_refusal(url: str, allowed_hosts: Sequence[str]) -> str | None:
     host = (parsed.hostname or "").lower()
     if not host:
         return "no host in the URL"
-    if host in (h.lower() for h in allowed_hosts):
+    if _named_exactly(url, allowed_hosts):
         return None
     if not any(h.startswith("*.") and host.endswith(h[1:].lower()) for h in allowed_hosts):
         return "host is not Label Studio's and not in ALR_IMAGE_HOSTS"
@@ -431,10 +440,72 @@ def fetch_refusal(url: str, allowed_hosts: Sequence[str]) -> str | None:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, parsed.port or 443, proto=socket.IPPROTO_TCP)}
     except (OSError, UnicodeError) as exc:      # UnicodeError: a name IDNA refuses (a label over 63 characters)
         return f"cannot resolve the host ({exc})"
-    private = sorted(a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_global)
+    private = sorted(a for a in addresses if not _is_public(a))
     if private:
         return f"resolves to a non-public address {private[0]} (name the host exactly in ALR_IMAGE_HOSTS to allow it)"
     return None
+
+
+def _named_exactly(url: str, allowed_hosts: Sequence[str]) -> bool:
+    """Whether ``url``'s host is one of ``allowed_hosts`` by name (trusted at any address)."""
+    return (urlparse(url).hostname or "").lower() in (h.lower() for h in allowed_hosts)
+
+
+def _is_public(address: str) -> bool:
+    return ipaddress.ip_address(address.split("%")[0]).is_global      # "%": an IPv6 zone index
+
+
+class _PublicPeerConnection:
+    """Mixed into urllib3's connections: the socket must have connected to a public address.
+
+    :func:`fetch_refusal` resolves a pattern host and checks its addresses, and the download
+    resolves it again to connect: a DNS server that answers with a public address to the first
+    and with a loopback or private one a moment later (DNS rebinding) would turn the download to
+    the backend's neighbours.  This checks the address the socket is connected to, before any
+    byte is sent.  Through a proxy (HTTP(S)_PROXY) the socket goes to the proxy, which is not
+    checked: the proxy resolves the host, and only :func:`fetch_refusal`'s check applies.
+    """
+
+    def _new_conn(self):
+        sock = super()._new_conn()
+        peer = sock.getpeername()[0]
+        if not _is_public(peer):
+            sock.close()
+            raise FetchRefused(f"refused to fetch {self.host}: it resolved to the non-public address {peer} when "
+                               f"the backend connected, after public addresses a moment before (DNS rebinding?)")
+        return sock
+
+
+class _PublicPeerHTTPConnection(_PublicPeerConnection, HTTPConnection):
+    pass
+
+
+class _PublicPeerHTTPSConnection(_PublicPeerConnection, HTTPSConnection):
+    pass
+
+
+class _PublicPeerHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _PublicPeerHTTPConnection
+
+
+class _PublicPeerHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _PublicPeerHTTPSConnection
+
+
+class _PublicPeerAdapter(HTTPAdapter):
+    """requests' adapter whose connections refuse a non-public peer (:class:`_PublicPeerConnection`)."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _PublicPeerHTTPPool, "https": _PublicPeerHTTPSPool}
+
+
+def _public_peer_session() -> requests.Session:
+    session = requests.Session()
+    adapter = _PublicPeerAdapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 def _origin(url: str) -> tuple[str, str]:

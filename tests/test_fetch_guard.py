@@ -114,6 +114,32 @@ def test_patterns_never_open_loopback_private_or_link_local_addresses():
     assert "unsupported URL scheme" in fetch_refusal("gopher://example.org/", ["example.org"])
 
 
+def test_a_pattern_host_whose_dns_turns_to_loopback_after_the_check_gets_no_request(servers, monkeypatch):
+    """DNS rebinding: the name of an ALR_IMAGE_HOSTS pattern resolves to a public address when the
+    backend checks it and to loopback when the download connects (a DNS server whose answers the
+    task's author controls: the first answer's TTL is zero).  The download is refused at the
+    connection, before any byte is sent: the loopback server, standing in for the backend's
+    neighbours, gets no request."""
+    import socket
+
+    neighbour = servers(body=png())
+    port = int(neighbour.url.rsplit(":", 1)[1])
+    real_getaddrinfo, answers = socket.getaddrinfo, []
+
+    def rebinding_dns(host, *args, **kwargs):
+        if host != "scans.images.example":
+            return real_getaddrinfo(host, *args, **kwargs)
+        answers.append("93.184.216.34" if not answers else "127.0.0.1")
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (answers[-1], port))]
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
+    with pytest.raises(FetchRefused, match=r"scans\.images\.example.*non-public address 127\.0\.0\.1 when the backend "
+                                           r"connected"):
+        client("*.images.example").download(f"http://scans.images.example:{port}/scan.png")
+    assert answers == ["93.184.216.34", "127.0.0.1"] and neighbour.requests == []
+    # the same server named exactly is trusted at any address, as before
+    assert client("scans.images.example").download(f"http://scans.images.example:{port}/scan.png") == png()
+
+
 def test_decompression_bombs_are_refused_before_decoding():
     side = int(np.sqrt(MAX_IMAGE_PIXELS)) + 100
     buf = io.BytesIO()
