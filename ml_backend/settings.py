@@ -63,6 +63,7 @@ class Settings:
     use_redis: bool = True                # False: in-process thread fallback, no redis at all
     rq_queue_name: str = "alr-training"
     job_timeout: int = 3600               # seconds; one training job
+    running_lock_ttl: int = 30            # seconds a killed job keeps its project from other jobs
     watchdog_seconds: float = 30.0        # web app: re-queue projects whose job died this often; 0 = off
     reconcile_seconds: float = 300.0      # web app: compare Label Studio's annotation counts this often; 0 = off
     model_dir: str = "./runs/ml_backend"
@@ -146,6 +147,9 @@ class Settings:
                      "batch_size", "max_request_bytes", "gpus_per_job"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.running_lock_ttl < 3:
+            raise ValueError(f"ALR_RUNNING_LOCK_TTL must be at least 3 seconds (the lock is renewed every third of "
+                             f"it), got {self.running_lock_ttl!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"ALR_CHANNELS must be 1 or 3, got {self.channels!r}")
         if self.keep_prediction_versions < 0:
@@ -231,6 +235,7 @@ _ENV = {
     "use_redis": ("ALR_USE_REDIS", _bool),
     "rq_queue_name": ("RQ_QUEUE_NAME", str),
     "job_timeout": ("ALR_JOB_TIMEOUT", int),
+    "running_lock_ttl": ("ALR_RUNNING_LOCK_TTL", int),
     "watchdog_seconds": ("ALR_WATCHDOG_SECONDS", float),
     "reconcile_seconds": ("ALR_RECONCILE_SECONDS", float),
     "model_dir": ("MODEL_DIR", str),

@@ -659,7 +659,7 @@ def train_project_job(project_id: int, reason: str = "") -> dict:
     job = get_current_job()
     if job is None:
         return run_training_job(project_id, settings=settings, reason=reason)
-    lock = RunningLock(job.connection, project_id)
+    lock = RunningLock(job.connection, project_id, ttl=settings.running_lock_ttl)
     progress = _JobProgress(job, lost=lock.lost)
     progress("waiting for the project's running lock", 0.0)
     queue = RQTrainingQueue(job.connection, job.origin, job_timeout=settings.job_timeout)

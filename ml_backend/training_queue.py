@@ -16,7 +16,7 @@ redis keys (``<p>`` = project id):
 ``alr:train:<p>:events:<job>``  hash: how many events job ``<job>`` stands for (``events``) and
                                 their actions (``reason:<action>``); read by the job when it claims
 ``alr:train:<p>:running``       held by the job while it trains (so that two workers never
-                                train the same project at once): a short TTL (RUNNING_LOCK_TTL)
+                                train the same project at once): a short TTL (ALR_RUNNING_LOCK_TTL)
                                 renewed by a heartbeat thread while the job lives, so a killed
                                 work horse or worker frees the project within that TTL
 ``alr:train:<p>:dirty``         set when a job claims its project, deleted when it ends; still there
@@ -63,8 +63,6 @@ redis.call('EXPIRE', events, ARGV[3])
 return pending
 """ % _PENDING_STATES
 
-#: seconds the running lock lives without a heartbeat (a dead job frees its project this fast)
-RUNNING_LOCK_TTL = 30
 #: seconds a job waits for its project's running lock before it re-queues itself
 LOCK_WAIT_SECONDS = 3
 #: how often a webhook polls the short per-project lock: redis-py's default (0.1 s) put a burst's
@@ -209,9 +207,9 @@ def claim_pending(connection, project_id: int, job_id: str) -> bool:
 class RunningLock:
     """The per-project lock a job holds while it trains, kept alive by a heartbeat thread.
 
-    ``acquire()`` waits ``LOCK_WAIT_SECONDS`` at most; while held, the lock's TTL
-    (``RUNNING_LOCK_TTL``) is renewed every third of it, so it outlives a long job but expires
-    within the TTL of its holder's death (SIGKILL, OOM kill, machine gone).
+    ``acquire()`` waits ``LOCK_WAIT_SECONDS`` at most; while held, the lock's ``ttl`` (seconds,
+    ``Settings.running_lock_ttl``) is renewed every third of it, so it outlives a long job but
+    expires within the TTL of its holder's death (SIGKILL, OOM kill, machine gone).
 
     redis away for longer than the TTL lets the lock lapse under a job that lives on: once redis
     answers, :meth:`still_held` takes it back if it is free, or finds that another job took it
@@ -220,7 +218,7 @@ class RunningLock:
     newer labels.
     """
 
-    def __init__(self, connection, project_id: int, *, ttl: int = RUNNING_LOCK_TTL):
+    def __init__(self, connection, project_id: int, *, ttl: int):
         self.project_id = int(project_id)
         self.ttl = ttl
         # thread_local=False: the token must be seen by the heartbeat thread, which renews the lock

@@ -136,7 +136,7 @@ def test_a_lapsed_running_lock_is_taken_back_when_free_and_lost_for_good_when_an
 
     conn = redis.Redis.from_url(rq_env)
     key = "alr:train:9:running"
-    lock = RunningLock(conn, 9)
+    lock = RunningLock(conn, 9, ttl=30)
     assert lock.acquire()
     token = conn.get(key)
     try:
@@ -144,7 +144,7 @@ def test_a_lapsed_running_lock_is_taken_back_when_free_and_lost_for_good_when_an
         assert lock.still_held() and conn.get(key) == token and conn.ttl(key) > 0
         assert "taken back" in caplog.text
         conn.delete(key)
-        other = RunningLock(conn, 9)                       # a second worker's job, queued by the watchdog
+        other = RunningLock(conn, 9, ttl=30)                 # a second worker's job, queued by the watchdog
         assert other.acquire()
         assert not lock.still_held() and lock.lost.is_set()
         held_by_other = conn.get(key)
@@ -271,6 +271,15 @@ def _seconds_per_epoch() -> float:
     return max((train(45) - train(15)) / 30, 1e-3)
 
 
+@pytest.fixture
+def short_running_lock(monkeypatch) -> int:
+    """ALR_RUNNING_LOCK_TTL for the workers a test starts: a killed job's lock lapses in seconds, not in
+    the default's 30 (each test that waits for a lapse would wait that long).  Returns the TTL."""
+    ttl = 6
+    monkeypatch.setenv("ALR_RUNNING_LOCK_TTL", str(ttl))
+    return ttl
+
+
 def _epochs_lasting(seconds: float) -> int:
     """Epochs for a job whose training lasts about ``seconds`` here: long enough to be hit mid-way, no
     longer (a fixed count lasted 20 s on an idle 2-core machine and 130 s on a loaded CI one)."""
@@ -317,11 +326,10 @@ def test_every_work_horse_starts_with_the_training_code_the_worker_imported_once
 
 
 @pytest.mark.parametrize("victim", ["work horse", "worker and horse"])
-def test_a_killed_job_frees_its_project_and_its_events_reach_a_model(fake_ls, tmp_path, monkeypatch, victim):
+def test_a_killed_job_frees_its_project_and_its_events_reach_a_model(fake_ls, tmp_path, monkeypatch,
+                                                                    short_running_lock, victim):
     """kill -9 mid-training: the running lock expires within its TTL, the web app's watchdog queues
     the project again, a live worker trains it; /health counts live workers only."""
-    from ml_backend.training_queue import RUNNING_LOCK_TTL
-
     monkeypatch.setenv("ALR_WATCHDOG_SECONDS", "1")
     app = create_app()
     client = app.test_client()
@@ -345,7 +353,7 @@ def test_a_killed_job_frees_its_project_and_its_events_reach_a_model(fake_ls, tm
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.5)                # the killed heartbeat renews nothing from here on
         freed = time.monotonic() - t_kill + conn.pttl("alr:train:1:running") / 1000    # when the lock lapses
-        assert conn.get("alr:train:1:running") == killed_lock and freed <= RUNNING_LOCK_TTL + 2 <= 60
+        assert conn.get("alr:train:1:running") == killed_lock and freed <= short_running_lock + 2
         if victim == "worker and horse":
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(10)
@@ -358,7 +366,7 @@ def test_a_killed_job_frees_its_project_and_its_events_reach_a_model(fake_ls, tm
         # it lapses then, however long the new worker took to start (on a loaded CI machine, more than the
         # TTL: timing the loop below from the kill once read 32 s)
         while conn.get("alr:train:1:running") == killed_lock:
-            assert time.monotonic() - t_kill < RUNNING_LOCK_TTL + 60, "the killed job's lock never lapsed"
+            assert time.monotonic() - t_kill < short_running_lock + 60, "the killed job's lock never lapsed"
             time.sleep(0.2)
         store = ProjectStore(Settings.from_env().model_dir, 1)
         # a hang guard, not a speed target: the "work horse" re-run is a whole job of worker-1's epochs
@@ -384,7 +392,7 @@ def test_a_killed_job_frees_its_project_and_its_events_reach_a_model(fake_ls, tm
 
 
 def test_a_job_killed_while_it_waited_for_the_project_s_lock_does_not_hide_the_project_from_the_watchdog(
-        fake_ls, tmp_path, monkeypatch):
+        fake_ls, tmp_path, monkeypatch, short_running_lock):
     """Two workers: job A trains, job B (a later annotation) is started by the second worker and waits
     for A's running lock, still the project's pending job.  Both workers are killed (-9, worker and
     horse): the pending key names B, which will never come; the watchdog does not take it for a job
@@ -663,15 +671,19 @@ class _RedisRestartProject:
             print(log.name, log.read_text()[-3000:])
 
 
-# training seconds: redis is back about 4 s into the training mid-training; it goes 1 s after the job's start
-@pytest.mark.parametrize("outage, seconds", [("mid-training", 20), ("over the job's end", 6)])
+# training seconds: redis is back about 4 s into the training mid-training; it goes 1 s after the job's start.
+# Mid-training, the outage (5 s) is shorter than the running lock's TTL (the default, 30 s); over the job's end,
+# the lock of the job that could not release it lapses, and a short TTL spares the test the default's wait.
+@pytest.mark.parametrize("outage, seconds, lock_ttl", [("mid-training", 20, None), ("over the job's end", 6, 6)])
 def test_redis_restarted_under_a_job_loses_nothing_and_the_worker_trains_on(fake_ls, tmp_path, monkeypatch, outage,
-                                                                             seconds):
+                                                                             seconds, lock_ttl):
     """redis (append-only, as in docker/) stopped while a job trains and restarted on its files,
     5 s later ("mid-training") or once the job has published and found redis gone when it came to
     clear its dirty mark ("over the job's end"): the annotation reaches a model, the project ends
     clean (no running lock, no dirty mark: the watchdog's re-run found nothing new), and the same
     rq worker trains the next event."""
+    if lock_ttl:
+        monkeypatch.setenv("ALR_RUNNING_LOCK_TTL", str(lock_ttl))
     stack = _RedisRestartProject(fake_ls, tmp_path, monkeypatch, epochs=_epochs_lasting(seconds))
     try:
         stack.annotate(7)
@@ -703,34 +715,40 @@ def test_redis_restarted_under_a_job_loses_nothing_and_the_worker_trains_on(fake
 
 
 def test_a_job_whose_lock_lapsed_and_was_taken_stops_and_the_worker_serves_on_without_a_zombie(
-        fake_ls, tmp_path, monkeypatch):
+        fake_ls, tmp_path, monkeypatch, short_running_lock):
     """redis away for longer than the running lock's TTL under a training job: the lock lapses (and
     rq's worker quits while its work horse trains on). Once redis is back a second worker's job
     could take the project (here the test takes the lock, as that job would): the first job stops
     training (`superseded`, nothing kept, the project still marked dirty), and the process waits for
     its orphaned horse before it serves again, never two trainings at once, no zombie left. Once the
     lock is free, the watchdog queues the project and the annotation reaches a model."""
-    from ml_backend.training_queue import RUNNING_LOCK_TTL
-
     stack = _RedisRestartProject(fake_ls, tmp_path, monkeypatch,      # the job outlives an outage of the lock's TTL
-                                 epochs=_epochs_lasting(3 * RUNNING_LOCK_TTL))
+                                 epochs=_epochs_lasting(5 * short_running_lock))
     try:
         stack.annotate(7)
         job_id = stack.wait_training()
         time.sleep(1.0)
         stack.stop_redis()
-        time.sleep(RUNNING_LOCK_TTL + 3)
+        time.sleep(short_running_lock + 3)
         assert not stack.store.list_versions(), "the job ended before redis came back: lower the machine's load"
-        stack.start_redis()
-        deadline = time.monotonic() + 10
-        while True:                                   # redis may answer LOADING for a moment
-            try:
-                took = stack.conn.set("alr:train:1:running", b"another-job", nx=True, ex=600)
-                break
-            except redis.exceptions.BusyLoadingError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-        assert took, "the lapsed lock was taken back before the test could take it (a heartbeat in that instant)"
+        horse = _children(stack.worker.pid)
+        assert horse, "no work horse"
+        for pid in horse:            # frozen until the test holds the lock: its heartbeat would take it back
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            stack.start_redis()
+            deadline = time.monotonic() + 10
+            while True:                               # redis may answer LOADING for a moment
+                try:
+                    took = stack.conn.set("alr:train:1:running", b"another-job", nx=True, ex=600)
+                    break
+                except redis.exceptions.BusyLoadingError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+        finally:
+            for pid in horse:
+                os.kill(pid, signal.SIGCONT)
+        assert took, "the lapsed lock was still there when redis came back"
         deadline = time.monotonic() + 600             # a hang guard
         while (result := Job.fetch(job_id, connection=stack.conn).return_value()) is None:
             assert time.monotonic() < deadline, "the job never ended"

@@ -21,9 +21,9 @@ def test_settings_defaults_and_env():
     s = Settings.from_env({})
     assert s.label_source == "data" and s.label_field == "label" and s.redis_port == 6379
     s = Settings.from_env({"REDIS_PORT": "6390", "ALR_LABEL_SOURCE": "annotation", "ALR_FORGET_RATE": "0.2",
-                           "LABEL_STUDIO_URL": "http://ls:8080/", "ALR_USE_REDIS": "no"})
-    assert (s.redis_port, s.label_source, s.forget_rate, s.label_studio_url, s.use_redis) == \
-        (6390, "annotation", 0.2, "http://ls:8080", False)
+                           "LABEL_STUDIO_URL": "http://ls:8080/", "ALR_USE_REDIS": "no", "ALR_RUNNING_LOCK_TTL": "90"})
+    assert (s.redis_port, s.label_source, s.forget_rate, s.label_studio_url, s.use_redis, s.running_lock_ttl) == \
+        (6390, "annotation", 0.2, "http://ls:8080", False, 90)
 
 
 def test_settings_bad_values_name_the_variable():
@@ -31,6 +31,8 @@ def test_settings_bad_values_name_the_variable():
         Settings.from_env({"REDIS_PORT": "abc"})
     with pytest.raises(ValueError, match="ALR_LABEL_SOURCE"):
         Settings.from_env({"ALR_LABEL_SOURCE": "both"})
+    with pytest.raises(ValueError, match="ALR_RUNNING_LOCK_TTL must be at least 3"):
+        Settings.from_env({"ALR_RUNNING_LOCK_TTL": "2"})     # renewed every third: sub-second beats
 
 
 def test_per_label_forget_rates_are_read_by_label_name_and_checked_against_the_project():
