@@ -366,11 +366,11 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     forced = FORCED_REASONS.intersection(reason.split(","))
     if previous and prev_meta.get("training_inputs") == inputs and not forced:
         store.update_meta(previous, annotation_state=annotations_before)    # reconciliation: seen, nothing to do
-        prune_unless_a_newer_job_is_queued(client, p, settings, previous, newer_job_queued)   # left by the job before
+        pruned = prune_unless_a_newer_job_is_queued(client, p, settings, previous, newer_job_queued)  # the job before's
         progress("done", 1.0)
         logger.info("project %d: no label, task, labelling config or setting changed since version %s (reason: "
                     "%s): not retraining. A TRAIN request retrains anyway.", p, previous, reason or "-")
-        return {"status": "unchanged", "project": p, "model_version": previous}
+        return {"status": "unchanged", "project": p, "model_version": previous, "pruned_versions": pruned}
     trained = None if forced else unpublished_version(store, inputs)
     if trained:
         logger.warning("project %d: version %s was trained on these very inputs but never published (its push failed, "

@@ -198,7 +198,7 @@ def test_a_job_with_a_newer_one_queued_leaves_the_older_predictions_to_it(fake_l
     assert second["pruned_versions"] == [] and fake_ls.projects[1]["model_version"] == second["model_version"]
     assert {p["model_version"] for p in fake_ls.predictions} == {first, second["model_version"]}
     unchanged = run_training_job(1, settings=settings, reason="ANNOTATION_CREATED", newer_job_queued=lambda: False)
-    assert unchanged["status"] == "unchanged"
+    assert unchanged["status"] == "unchanged" and unchanged["pruned_versions"] == [first]
     assert {p["model_version"] for p in fake_ls.predictions} == {second["model_version"]}
 
 
@@ -251,7 +251,7 @@ def test_a_job_with_nothing_to_learn_keeps_the_version_and_a_train_request_retra
     assert stale_projects(client, settings) == [1]
     pushed, downloads = len(fake_ls.predictions), fake_ls.requests["upload"]
     assert run_training_job(1, settings=settings, reason="RECONCILE") == {
-        "status": "unchanged", "project": 1, "model_version": version}
+        "status": "unchanged", "project": 1, "model_version": version, "pruned_versions": []}
     assert (len(fake_ls.predictions), fake_ls.requests["upload"]) == (pushed, downloads)
     assert store.list_versions() == [version] and stale_projects(client, settings) == []
 

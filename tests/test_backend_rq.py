@@ -222,8 +222,10 @@ def test_burst_of_50_webhooks_at_most_2_jobs_final_model_has_every_annotation(fa
     assert {int(k): v for k, v in meta["trained_task_labels"].items() if int(k) in annotated} == annotated
     assert fake_ls.projects[1]["model_version"] == final
     assert jobs[-1].meta["progress"]["stage"] == "done"
+    # the second job may find nothing to train: the first read the tasks after the last annotation came
     pruned = [set(job.return_value()["pruned_versions"]) for job in jobs]
-    assert pruned == ([{served}] if len(jobs) == 1 else [set(), {jobs[0].return_value()["model_version"], served}])
+    first = jobs[0].return_value()["model_version"]
+    assert pruned == ([{served}] if len(jobs) == 1 else [set(), {first, served} - {final}])
     assert {p["model_version"] for p in fake_ls.predictions} == {final}
     print(f"50 webhooks in {burst_seconds:.2f}s -> {len(jobs)} job(s)")
 
