@@ -114,30 +114,60 @@ def test_patterns_never_open_loopback_private_or_link_local_addresses():
     assert "unsupported URL scheme" in fetch_refusal("gopher://example.org/", ["example.org"])
 
 
-def test_a_pattern_host_whose_dns_turns_to_loopback_after_the_check_gets_no_request(servers, monkeypatch):
-    """DNS rebinding: the name of an ALR_IMAGE_HOSTS pattern resolves to a public address when the
-    backend checks it and to loopback when the download connects (a DNS server whose answers the
-    task's author controls: the first answer's TTL is zero).  The download is refused at the
-    connection, before any byte is sent: the loopback server, standing in for the backend's
-    neighbours, gets no request."""
+@pytest.fixture
+def rebinding_dns(monkeypatch) -> list[str]:
+    """DNS rebinding: ``scans.images.example`` resolves to a public address when the backend checks
+    it and to loopback when the download connects (a DNS server whose answers the task's author
+    controls: the first answer's TTL is zero).  Returns the answers given, in order."""
     import socket
 
-    neighbour = servers(body=png())
-    port = int(neighbour.url.rsplit(":", 1)[1])
     real_getaddrinfo, answers = socket.getaddrinfo, []
 
-    def rebinding_dns(host, *args, **kwargs):
+    def resolve(host, port, *args, **kwargs):
         if host != "scans.images.example":
-            return real_getaddrinfo(host, *args, **kwargs)
+            return real_getaddrinfo(host, port, *args, **kwargs)
         answers.append("93.184.216.34" if not answers else "127.0.0.1")
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (answers[-1], port))]
-    monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
-    with pytest.raises(FetchRefused, match=r"scans\.images\.example.*non-public address 127\.0\.0\.1 when the backend "
-                                           r"connected"):
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (answers[-1], int(port)))]
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    return answers
+
+
+REBOUND = r"scans\.images\.example.*non-public address 127\.0\.0\.1 when the backend connected"
+
+
+def test_a_pattern_host_whose_dns_turns_to_loopback_after_the_check_gets_no_request(servers, rebinding_dns):
+    """The download is refused at the connection, before any byte is sent: the loopback server,
+    standing in for the backend's neighbours, gets no request."""
+    neighbour = servers(body=png())
+    port = int(neighbour.url.rsplit(":", 1)[1])
+    with pytest.raises(FetchRefused, match=REBOUND):
         client("*.images.example").download(f"http://scans.images.example:{port}/scan.png")
-    assert answers == ["93.184.216.34", "127.0.0.1"] and neighbour.requests == []
+    assert rebinding_dns == ["93.184.216.34", "127.0.0.1"] and neighbour.requests == []
     # the same server named exactly is trusted at any address, as before
     assert client("scans.images.example").download(f"http://scans.images.example:{port}/scan.png") == png()
+
+
+def test_an_https_pattern_host_rebound_to_loopback_gets_not_even_the_tls_hello(rebinding_dns):
+    """Over HTTPS the address is checked once the socket is connected, before the TLS handshake:
+    the loopback listener accepts the connection and receives no byte, not even the ClientHello."""
+    import socket
+
+    listener, received = socket.create_server(("127.0.0.1", 0)), []
+
+    def read_first_bytes():
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            received.append(conn.recv(4096))     # b"": the backend hung up without sending anything
+    reader = threading.Thread(target=read_first_bytes, daemon=True)
+    reader.start()
+    try:
+        with pytest.raises(FetchRefused, match=REBOUND):
+            client("*.images.example").download(f"https://scans.images.example:{listener.getsockname()[1]}/s.png")
+        reader.join(10)
+    finally:
+        listener.close()
+    assert rebinding_dns == ["93.184.216.34", "127.0.0.1"] and received == [b""]
 
 
 def test_decompression_bombs_are_refused_before_decoding():
