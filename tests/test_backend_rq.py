@@ -676,16 +676,16 @@ class _RedisRestartProject:
 # training seconds: redis is back about 4 s into the training mid-training; it goes 1 s after the job's start.
 # Mid-training, the outage (5 s) is shorter than the running lock's TTL (the default, 30 s); over the job's end,
 # the lock of the job that could not release it lapses, and a short TTL spares the test the default's wait.
-@pytest.mark.parametrize("outage, seconds, lock_ttl", [("mid-training", 20, None), ("over the job's end", 6, 6)])
-def test_redis_restarted_under_a_job_loses_nothing_and_the_worker_trains_on(fake_ls, tmp_path, monkeypatch, outage,
-                                                                             seconds, lock_ttl):
+@pytest.mark.parametrize("outage, seconds, lock_lapses", [("mid-training", 20, False), ("over the job's end", 6, True)])
+def test_redis_restarted_under_a_job_loses_nothing_and_the_worker_trains_on(fake_ls, tmp_path, monkeypatch, request,
+                                                                             outage, seconds, lock_lapses):
     """redis (append-only, as in docker/) stopped while a job trains and restarted on its files,
     5 s later ("mid-training") or once the job has published and found redis gone when it came to
     clear its dirty mark ("over the job's end"): the annotation reaches a model, the project ends
     clean (no running lock, no dirty mark: the watchdog's re-run found nothing new), and the same
     rq worker trains the next event."""
-    if lock_ttl:
-        monkeypatch.setenv("ALR_RUNNING_LOCK_TTL", str(lock_ttl))
+    if lock_lapses:
+        request.getfixturevalue("short_running_lock")
     stack = _RedisRestartProject(fake_ls, tmp_path, monkeypatch, epochs=_epochs_lasting(seconds))
     try:
         stack.annotate(7)
