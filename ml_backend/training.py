@@ -366,7 +366,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     forced = FORCED_REASONS.intersection(reason.split(","))
     if previous and prev_meta.get("training_inputs") == inputs and not forced:
         store.update_meta(previous, annotation_state=annotations_before)    # reconciliation: seen, nothing to do
-        pruned = prune_unless_a_newer_job_is_queued(client, p, settings, previous, newer_job_queued)  # the job before's
+        pruned = prune_unless_a_newer_job_is_queued(client, p, settings, previous, newer_job_queued)  # left by the last
         progress("done", 1.0)
         logger.info("project %d: no label, task, labelling config or setting changed since version %s (reason: "
                     "%s): not retraining. A TRAIN request retrains anyway.", p, previous, reason or "-")
