@@ -7,6 +7,7 @@ the method is for, with a seed.
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -61,11 +62,17 @@ def load_digits_dataset() -> LabelledImages:
 
 def load_npz(path: str | Path) -> tuple[LabelledImages, LabelledImages | None]:
     """The simulation's .npz (see ../shared/INTERFACES.md): the training set and the optional test set."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a .npz file (numpy.savez writes one)")
     with np.load(path, allow_pickle=False) as data:
         missing = {"images", "labels_noisy"} - set(data.files)
         if missing:
             raise ValueError(f"{path} lacks {sorted(missing)}; it holds {sorted(data.files)}")
         labels = _int_labels(data["labels_noisy"], "labels_noisy")
+        if not len(labels):
+            raise ValueError(f"{path} holds no samples (labels_noisy is empty)")
         labels_true = _int_labels(data["labels_true"], "labels_true") if "labels_true" in data.files else None
         num_classes = int(max(labels.max(), -1 if labels_true is None else labels_true.max())) + 1
         class_names = tuple(str(c) for c in data["class_names"]) if "class_names" in data.files else \

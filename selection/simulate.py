@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--noise", choices=("symmetric", "class_dependent", "pair_random"), default="symmetric")
     parser.add_argument("--test-fraction", type=float, default=0.25,
                         help="clean test share held out per class before imbalance and noise (default 0.25)")
-    parser.add_argument("--image-size", type=int, default=32, help="resize for --image-folder (default 32)")
+    parser.add_argument("--image-size", type=int, default=EngineConfig.image_size,
+                        help="the side images train at: --image-folder resizes every image to it; .npz, HDF5 "
+                             "images larger than it are shrunk to it (aspect kept), smaller ones keep their size "
+                             f"(default {EngineConfig.image_size}: the small CNN on a CPU in minutes; larger means "
+                             "ResNet-18 and hours without a GPU)")
     parser.add_argument("--epochs", type=int, default=EngineConfig.epochs)
     parser.add_argument("--rounds", type=int, default=0, help="relabelling rounds (default 0: Phase 1 only)")
     parser.add_argument("--budget", type=int, default=20, help="relabels per round (default 20)")
@@ -85,14 +89,18 @@ def load_case(args):
     """(train, test) LabelledImages from the arguments; noise and imbalance as asked."""
     from model import datasets
 
+    if args.image_size < 8:
+        raise ValueError(f"--image-size must be >= 8, got {args.image_size}")
     if args.npz is not None:
-        return datasets.load_npz(args.npz)
+        full, test = datasets.load_npz(args.npz)
+        return _shrunk(full, args.image_size), _shrunk(test, args.image_size)
     if args.image_folder is not None:
         full = datasets.load_image_folder(args.image_folder, image_size=args.image_size, channels=1)
         test = None
     elif args.hdf5 is not None:
         full = datasets.load_hdf5(args.hdf5)
         test = datasets.load_hdf5(args.hdf5_test, class_names=full.class_names) if args.hdf5_test else None
+        full, test = _shrunk(full, args.image_size), _shrunk(test, args.image_size)
     else:
         full, test = datasets.load_digits_dataset(), None
     if test is None and args.test_fraction > 0:
@@ -104,6 +112,21 @@ def load_case(args):
     if args.noise_rate > 0:
         full = datasets.inject_noise(full, rate=args.noise_rate, kind=args.noise, seed=args.seed)
     return full, test
+
+
+def _shrunk(case, max_size: int):
+    """``case`` with its images no larger than ``max_size`` px on their larger side (model.data.shrink_images);
+    None for no case."""
+    from model.data import shrink_images
+
+    if case is None:
+        return None
+    images = shrink_images(case.images, max_size=max_size)
+    if images is not case.images:
+        logger.info("Images of %d x %d px shrunk to %d x %d to train (--image-size %d; a larger size trains at "
+                    "the cost of its pixels, with ResNet-18 above 32 px)", *case.images.shape[1:3],
+                    *images.shape[1:3], max_size)
+    return replace(case, images=images)
 
 
 def phase1_figures(train, result, *, num_classes: int, seed: int) -> dict:
@@ -341,12 +364,14 @@ def write_quality_report(out: Path, train, phase1) -> str:
 
 
 def _data_uri(image: np.ndarray) -> str:
-    """A (H, W, C) uint8 image as a PNG data URI, enlarged to at least 96 px for a thumbnail."""
+    """A (H, W, C) image, uint8 or float in [0, 1], as a PNG data URI, enlarged to at least 96 px for a thumbnail."""
     import base64
     import io
 
     from PIL import Image
 
+    if image.dtype != np.uint8:
+        image = np.round(image * 255).astype(np.uint8)
     pixels = image[..., 0] if image.shape[-1] == 1 else image
     picture = Image.fromarray(np.ascontiguousarray(pixels))
     scale = max(1, 96 // max(picture.size))

@@ -7,7 +7,7 @@ import torch
 
 from model.coteaching import forget_rate_schedule, load_checkpoint, select_clean_batch
 from model.config import EngineConfig
-from model.data import as_image_array, load_image
+from model.data import as_image_array, load_image, shrink_images
 from model.device import select_device
 from model.engine import score_images, train_and_score
 from model.networks import build_network
@@ -170,6 +170,20 @@ def test_load_image_converts_channels_and_size(tmp_path):
     Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(path)
     assert load_image(path, image_size=16, channels=1).shape == (16, 16, 1)
     assert load_image(path, image_size=16, channels=3).shape == (16, 16, 3)
+
+
+def test_shrink_images_keeps_dtype_aspect_and_small_images():
+    rng = np.random.default_rng(0)
+    tall = rng.integers(0, 256, (3, 64, 48, 1), dtype=np.uint8)
+    small = shrink_images(tall, max_size=32)
+    assert small.shape == (3, 32, 24, 1) and small.dtype == np.uint8
+    assert abs(float(small.mean()) - float(tall.mean())) < 2          # averaged, not subsampled or rescaled
+    grey = np.full((2, 40, 40, 3), 0.25, np.float32)
+    assert np.allclose(shrink_images(grey, max_size=10), 0.25)        # floats stay floats in [0, 1]
+    assert shrink_images(grey, max_size=10).dtype == np.float32
+    assert shrink_images(tall, max_size=64) is tall                    # never enlarged: small images keep their size
+    with pytest.raises(ValueError, match="max_size"):
+        shrink_images(tall, max_size=0)
 
 
 def test_networks_share_one_interface_and_pretrained_weights_never_download(tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ def test_figures_are_honest(digits_run):
     assert phase2["priority"]["rounds"][-1]["relabels"] == 50
 
 
-def test_npz_interface_and_bad_input(tmp_path):
+def test_npz_interface_and_bad_input(tmp_path, capsys):
     rng = np.random.default_rng(0)
     labels_true = np.repeat(np.arange(3), 40)
     images = np.zeros((120, 8, 8), np.uint8)
@@ -59,6 +59,15 @@ def test_npz_interface_and_bad_input(tmp_path):
     assert simulate.main(["--npz", str(case), "--out", str(out), "--epochs", "6", "--quiet", "--no-plots"]) == 0
     with np.load(out / "scores.npz") as scores:
         assert scores["vog"].shape == (120,)
+    # float images in [0, 1], larger than --image-size: shrunk to train, and drawn in the report
+    float_case = tmp_path / "float.npz"
+    np.savez(float_case, images=np.repeat(np.repeat(images, 2, 1), 2, 2) / 255.0, labels_noisy=labels_noisy,
+             labels_true=labels_true)
+    float_out = tmp_path / "float"
+    assert simulate.main(["--npz", str(float_case), "--out", str(float_out), "--epochs", "4", "--quiet",
+                          "--image-size", "8"]) == 0
+    assert json.loads((float_out / "results.json").read_text())["config"]["image_size"] == 8
+    assert (float_out / "report.html").read_text().count("data:image/png;base64,") > 0
     two_rates = ["--npz", str(case), "--out", str(tmp_path / "r"), "--quiet", "--class-forget-rates", "0.2", "0.2"]
     assert simulate.main(two_rates) == 2                    # 3 classes: a clear error, no training
     bad = tmp_path / "bad.npz"
@@ -67,6 +76,14 @@ def test_npz_interface_and_bad_input(tmp_path):
     missing = tmp_path / "missing.npz"
     np.savez(missing, images=images)
     assert simulate.main(["--npz", str(missing), "--out", str(tmp_path / "m"), "--quiet"]) == 2
+    not_npz = tmp_path / "labels.csv"
+    not_npz.write_text("image,label\n")
+    assert simulate.main(["--npz", str(not_npz), "--out", str(tmp_path / "c"), "--quiet"]) == 2
+    assert "is not a .npz file" in capsys.readouterr().err
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, images=images[:0], labels_noisy=labels_noisy[:0])
+    assert simulate.main(["--npz", str(empty), "--out", str(tmp_path / "e"), "--quiet"]) == 2
+    assert "holds no samples" in capsys.readouterr().err
 
 
 def test_pair_random_noise_flips_each_class_to_one_fixed_other_class():
