@@ -61,7 +61,7 @@ from _common import load_case  # noqa: E402
 from _results import provenance, markdown_table, mean_std, replace_section  # noqa: E402
 from model import coteaching as ct  # noqa: E402
 from model.config import EngineConfig  # noqa: E402
-from model.data import to_tensor  # noqa: E402
+from model.data import own_image_size, to_tensor  # noqa: E402
 from model.device import seed_everything  # noqa: E402
 from model.engine import train_and_score  # noqa: E402
 from model.networks import build_network  # noqa: E402
@@ -161,7 +161,7 @@ def run_case(*, seed: int, noise_rate: float, noise: str, imbalance: str, epochs
     num_classes = len(train.class_names)
     noise_within_label = [float(np.mean(wrong[labels == c])) if (labels == c).any() else float("nan")
                           for c in range(num_classes)]
-    base = EngineConfig(epochs=epochs, image_size=max(int(train.images.shape[1]), 8), seed=seed, device="cpu")
+    base = EngineConfig(epochs=epochs, image_size=own_image_size(train.images), seed=seed, device="cpu")
     out = {"true_noise": float(wrong.mean()), "n": len(labels)}
     timings = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from model.data import RESIZE_MODES
+from model.data import MIN_TRAINING_SIDE, RESIZE_MODES
 from model.networks import ARCHS, EMBEDDING_HEAD, RESNETS
 from model.vog import VOG_METHODS
 from selection.rank import DEFAULT_RARITY_WEIGHT
@@ -94,7 +94,7 @@ class EngineConfig:
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.finetune_epochs >= 0, "finetune_epochs must be >= 0"),
             (self.batch_size >= 2, "batch_size must be >= 2"),
-            (self.image_size >= 8, "image_size must be >= 8"),
+            (self.image_size >= MIN_TRAINING_SIDE, f"image_size must be >= {MIN_TRAINING_SIDE}"),
             (self.resize in RESIZE_MODES, f"resize must be one of {RESIZE_MODES}"),
             (self.forget_rate is None or 0.0 <= self.forget_rate < 1.0, "forget_rate must be in [0, 1)"),
             (self.class_forget_rates is None or (len(self.class_forget_rates) >= 2 and

@@ -13,6 +13,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 #: larger images are refused before they are decoded (decompression bombs); 40 MP covers scans
 #: of 6,000 x 6,000 pixels and more
 MAX_IMAGE_PIXELS = 40_000_000
+#: the smallest side the networks train on (EngineConfig.image_size's lower bound)
+MIN_TRAINING_SIDE = 8
 
 
 def as_image_array(images) -> np.ndarray:
@@ -62,7 +64,7 @@ def as_image_array(images) -> np.ndarray:
 def shrink_images(images: np.ndarray, *, max_size: int, chunk: int = 1024) -> np.ndarray:
     """(N, H, W, C) images, uint8 or float in [0, 1], whose larger side is over ``max_size``, shrunk
     so that it is ``max_size`` (aspect ratio kept, antialiased bilinear, as PIL's resize); smaller
-    images are returned as they are.  The dtype is kept.
+    images are returned as they are, and no side is shrunk below ``MIN_TRAINING_SIDE``.  The dtype is kept.
 
     The array counterpart of ``load_image(image_size=...)``: the training cost grows with the
     pixels (the small CNN trains 6-7x slower at 64 px than at 32 px on a CPU), and the networks
@@ -74,7 +76,8 @@ def shrink_images(images: np.ndarray, *, max_size: int, chunk: int = 1024) -> np
     scale = max_size / max(height, width)
     if scale >= 1:
         return images
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    # a very long image keeps its short side up to MIN_TRAINING_SIDE (the networks' poolings need it)
+    size = tuple(max(min(side, MIN_TRAINING_SIDE), round(side * scale)) for side in (height, width))
     out = np.empty((len(images), *size, images.shape[3]), images.dtype)
     for start in range(0, len(images), chunk):
         batch = torch.from_numpy(np.ascontiguousarray(images[start:start + chunk])).permute(0, 3, 1, 2).float()
@@ -83,6 +86,12 @@ def shrink_images(images: np.ndarray, *, max_size: int, chunk: int = 1024) -> np
         out[start:start + chunk] = (small.round().clamp(0, 255).to(torch.uint8) if images.dtype == np.uint8
                                     else small.clamp(0.0, 1.0)).numpy()
     return out
+
+
+def own_image_size(images: np.ndarray) -> int:
+    """EngineConfig.image_size for (N, H, W, C) images trained at their own size: their height, at least
+    ``MIN_TRAINING_SIDE``."""
+    return max(int(images.shape[1]), MIN_TRAINING_SIDE)
 
 
 def _with_channels(image: np.ndarray) -> np.ndarray:

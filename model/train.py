@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from model.config import AUGMENTATIONS, SELECTION_MODES, EngineConfig
+from model.data import own_image_size
 from model.processes import exit_with
 
 logger = logging.getLogger("model.train")
@@ -148,7 +149,7 @@ def _load_case(path: Path, config: EngineConfig | None) -> dict:
     else:
         train, _ = load_npz(path)
         images, labels, class_names = train.images, train.labels, train.class_names
-        image_size = max(int(train.images.shape[1]), 8)
+        image_size = own_image_size(train.images)
     return {"images": images, "labels": labels, "class_names": list(class_names), "image_size": image_size,
             "sample_ids": extra.get("sample_ids"),
             "trusted_mask": None if "trusted_mask" not in extra else extra["trusted_mask"].astype(bool)}

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from model.config import SELECTION_MODES, VOG_SOURCES, EngineConfig
+from model.data import MIN_TRAINING_SIDE, own_image_size
 from model.vog import VOG_METHODS
 from selection import metrics, rank
 
@@ -89,8 +90,8 @@ def load_case(args):
     """(train, test) LabelledImages from the arguments; noise and imbalance as asked."""
     from model import datasets
 
-    if args.image_size < 8:
-        raise ValueError(f"--image-size must be >= 8, got {args.image_size}")
+    if args.image_size < MIN_TRAINING_SIDE:
+        raise ValueError(f"--image-size must be >= {MIN_TRAINING_SIDE}, got {args.image_size}")
     if args.npz is not None:
         full, test = datasets.load_npz(args.npz)
         return _shrunk(full, args.image_size), _shrunk(test, args.image_size)
@@ -314,7 +315,7 @@ def run(args) -> dict:
                           selection=args.selection, vog_method=args.vog_method, vog_source=args.vog_source,
                           mix_ratio=args.mix_ratio, elr_weight=args.elr_weight,
                           arch=args.arch, device=args.device, seed=args.seed, rarity_weight=args.rarity_weight,
-                          image_size=max(int(train.images.shape[1]), 8),
+                          image_size=own_image_size(train.images),
                           mc_dropout_passes=20 if "bald" in samplers and args.rounds > 0 else 0)
     out = args.out
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)

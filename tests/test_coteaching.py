@@ -182,6 +182,8 @@ def test_shrink_images_keeps_dtype_aspect_and_small_images():
     assert np.allclose(shrink_images(grey, max_size=10), 0.25)        # floats stay floats in [0, 1]
     assert shrink_images(grey, max_size=10).dtype == np.float32
     assert shrink_images(tall, max_size=64) is tall                    # never enlarged: small images keep their size
+    strip = np.zeros((1, 8, 100, 1), np.uint8)
+    assert shrink_images(strip, max_size=32).shape == (1, 8, 32, 1)   # the short side stays trainable
     with pytest.raises(ValueError, match="max_size"):
         shrink_images(tall, max_size=0)
 
