@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from model.config import SELECTION_MODES, VOG_SOURCES, EngineConfig
-from model.data import MIN_TRAINING_SIDE, own_image_size
+from model.data import MIN_TRAINING_SIDE, own_image_size, shrink_images
 from model.vog import VOG_METHODS
 from selection import metrics, rank
 
@@ -118,8 +118,6 @@ def load_case(args):
 def _shrunk(case, max_size: int):
     """``case`` with its images no larger than ``max_size`` px on their larger side (model.data.shrink_images);
     None for no case."""
-    from model.data import shrink_images
-
     if case is None:
         return None
     images = shrink_images(case.images, max_size=max_size)
