@@ -5,6 +5,7 @@
     python benchmarks/bench_detection.py --hard    # long-tailed 30% pair-flip and step (ratio 10) 60% symmetric
     python benchmarks/bench_detection.py --held-out --seeds 10 11 12   # the same kinds from other generators:
                                                    # pair-flip to a random partner, step 5:1 60% and 20:1 50%
+    python benchmarks/bench_detection.py --image-size 32 --hard   # digits upscaled to the ML backend's 32 px
 
 Data: digits, long-tailed ratio 20, exactly as ``python -m selection.simulate``
 builds it (25% of each class held out as a clean test set first, unused here),
@@ -57,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import load_case  # noqa: E402
+from _common import load_case, upscale  # noqa: E402
 from _results import provenance, markdown_table, mean_std, replace_section  # noqa: E402
 from model import coteaching as ct  # noqa: E402
 from model.config import EngineConfig  # noqa: E402
@@ -72,6 +73,7 @@ SECTION_MAIN = "Engine: detection of wrong labels"
 SECTION_HARD = "Engine: detection in the hardest cases (long-tailed pair-flip 30%, step 10:1 symmetric 60%)"
 SECTION_HELD_OUT = "Engine: detection in held-out hard cases (random-partner pair-flip 30%, step 5:1 60%, step 20:1 50%)"
 SECTION_TARGETS = "Engine: targets at 40% symmetric noise, long-tailed ratio 20"
+SECTION_UPSCALED = "Engine: detection at {size} px (digits upscaled; the ML backend trains at 32 px)"
 
 DETECTORS = [  # (key, label in the table)
     ("plain_ce", "(a) plain CE loss, in-sample"),
@@ -153,16 +155,18 @@ def to_80(score, wrong):
 
 
 def run_case(*, seed: int, noise_rate: float, noise: str, imbalance: str, epochs: int, folds: int,
-             with_cleanlab: bool, imbalance_ratio: float = 20.0) -> dict:
+             with_cleanlab: bool, imbalance_ratio: float = 20.0, image_size: int | None = None) -> dict:
     train, _ = load_case(seed=seed, noise_rate=noise_rate, noise=noise, imbalance=imbalance,
                          imbalance_ratio=imbalance_ratio)
+    if image_size:
+        train = replace(train, images=upscale(train.images, image_size))
     labels, truth = train.labels, train.labels_true
     wrong = labels != truth
     num_classes = len(train.class_names)
     noise_within_label = [float(np.mean(wrong[labels == c])) if (labels == c).any() else float("nan")
                           for c in range(num_classes)]
     base = EngineConfig(epochs=epochs, image_size=own_image_size(train.images), seed=seed, device="cpu")
-    out = {"true_noise": float(wrong.mean()), "n": len(labels)}
+    out = {"true_noise": float(wrong.mean()), "n": len(labels), "image_size": own_image_size(train.images)}
     timings = {}
     with tempfile.TemporaryDirectory() as tmp:
         def engine(config, name):
@@ -341,7 +345,8 @@ def report(results: dict, *, seeds, with_cleanlab: bool, args) -> tuple[str, str
     lines = [
         provenance(), "",
         f"Digits, long-tailed ratio 20 (class counts {first['class_counts']}, {first['n']} training samples), "
-        f"seeds {list(seeds)}, {args.epochs} epochs, default EngineConfig otherwise (small CNN at 8 px, "
+        f"seeds {list(seeds)}, {args.epochs} epochs, default EngineConfig otherwise (small CNN at "
+        f"{first['image_size']} px{' (upscaled, bilinear)' if args.image_size else ''}, "
         f"Tk 10, W 5, mix 0.2, VoG snapshot from the training pass (vog_source=\"train_pass\"), class-balanced selection with per-label forget rates "
         f"estimated, early-learning regularisation weight {EngineConfig.elr_weight:g}, rarity_weight "
         f"{EngineConfig.rarity_weight:g}), cleanlab CV: {args.folds} folds. "
@@ -439,6 +444,9 @@ def main(argv=None) -> int:
                         help="also long-tailed 30%% pair-flip and step 10:1 60%% symmetric")
     parser.add_argument("--held-out", action="store_true",
                         help="also pair-flip to a random partner (30%%), step 5:1 60%% and step 20:1 50%% symmetric")
+    parser.add_argument("--image-size", type=int,
+                        help="upscale the 8 px digits to this size (bilinear), as the ML backend trains at 32 px; "
+                             "written to its own section")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--folds", type=int, default=5, help="K of the cross-validation for cleanlab")
@@ -465,8 +473,8 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             t0 = time.perf_counter()
             results[name].append(run_case(seed=seed, noise_rate=rate, noise=kind, imbalance=imbalance,
-                                          imbalance_ratio=ratio, epochs=args.epochs,
-                                          folds=args.folds, with_cleanlab=with_cleanlab))
+                                          imbalance_ratio=ratio, epochs=args.epochs, folds=args.folds,
+                                          with_cleanlab=with_cleanlab, image_size=args.image_size))
             r = results[name][-1]
             print(f"{name} seed {seed}: {time.perf_counter() - t0:.0f}s; AUROC priority {r['auroc']['priority']:.3f}"
                   f" cleanlab {r['auroc'].get('cleanlab', float('nan')):.3f}; forget rate {r['forget_rate_estimate']:.3f}"
@@ -483,10 +491,10 @@ def main(argv=None) -> int:
                          + main_body)
         if not args.no_write and (done or args.full or args.hard or args.held_out):
             # --hard or --held-out alone keeps the --full grid's section and writes its own
-            section = SECTION_MAIN if args.full else SECTION_HARD if args.hard else \
-                SECTION_HELD_OUT if args.held_out else SECTION_MAIN
+            section = (SECTION_UPSCALED.format(size=args.image_size) if args.image_size else SECTION_MAIN if args.full
+                       else SECTION_HARD if args.hard else SECTION_HELD_OUT if args.held_out else SECTION_MAIN)
             replace_section(section, main_body)
-            if target_body:
+            if target_body and not args.image_size:
                 replace_section(SECTION_TARGETS, target_body)
     print(main_body)
     print()

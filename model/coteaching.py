@@ -36,7 +36,7 @@ from model.device import (autocast, global_rng_state, make_grad_scaler, restore_
                           select_device, to_device)
 from model.distributed import DistContext
 from model.files import atomic_write
-from model.networks import build_network, default_small_input_stem
+from model.networks import build_network, default_input_pools, default_small_input_stem
 from model.sources import ImageSource, image_shape, iterate_batches, num_images, sequential_batches, stats_sample, take
 from model.vog import VoGBuffer, input_gradient, last_layer_gradient
 from selection.metrics import macro_f1
@@ -168,7 +168,8 @@ def network_spec_for(images: ImageSource, num_classes: int, config: EngineConfig
     channels, _, image_size = image_shape(images)
     return {"num_classes": num_classes, "in_channels": int(channels), "image_size": int(image_size),
             "mean": mean, "std": std,
-            "small_input_stem": default_small_input_stem(image_size, config.pretrained_weights)}
+            "small_input_stem": default_small_input_stem(image_size, config.pretrained_weights),
+            "input_pools": default_input_pools(image_size)}
 
 
 def new_training_state(images: ImageSource, num_classes: int, config: EngineConfig,
@@ -750,7 +751,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device | None = No
     saved_config = EngineConfig.from_dict(checkpoint["config"])
     config = config or saved_config
     device = device or select_device(config.device)
-    spec = checkpoint["network_spec"]
+    spec = {"input_pools": 0, **checkpoint["network_spec"]}   # checkpoints from before input_pools: none
     networks = [build_network(saved_config.arch, dropout=saved_config.dropout, pretrained_weights=None, **spec)
                 for _ in range(2)]
     for net, weights in zip(networks, checkpoint["networks"]):
