@@ -165,11 +165,11 @@ def _sgd(network: nn.Module, lr: float, config: EngineConfig) -> torch.optim.Opt
 def network_spec_for(images: ImageSource, num_classes: int, config: EngineConfig) -> dict:
     """What build_network needs besides the config, derived from the training images."""
     mean, std = channel_stats(stats_sample(images, seed=config.seed))
-    channels, _, image_size = image_shape(images)
+    channels, height, image_size = image_shape(images)
     return {"num_classes": num_classes, "in_channels": int(channels), "image_size": int(image_size),
             "mean": mean, "std": std,
             "small_input_stem": default_small_input_stem(image_size, config.pretrained_weights),
-            "input_pools": default_input_pools(image_size)}
+            "input_pools": default_input_pools(min(height, image_size))}   # a long image: its short side
 
 
 def new_training_state(images: ImageSource, num_classes: int, config: EngineConfig,

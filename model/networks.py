@@ -130,7 +130,8 @@ def _find_pretrained_file(pretrained_weights: str, weights_enum) -> Path:
 
 
 def default_input_pools(image_size: int) -> int:
-    """The small CNN halves an image this many times after its first block: 0 up to 15 px, 1 from 16, 2 from 32.
+    """The small CNN halves an image this many times after its first block: 0 up to 15 px, 1 from 16, 2 from 32
+    (``image_size``: the short side of a non-square image).
 
     Its body (four blocks, two max-pools) then always sees an image of 8-15 px,
     the size it is built for.  Without them its last block sees 24 px of a 32 px

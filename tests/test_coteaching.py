@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.coteaching import forget_rate_schedule, load_checkpoint, select_clean_batch
+from model.coteaching import forget_rate_schedule, load_checkpoint, network_spec_for, select_clean_batch
 from model.config import EngineConfig
 from model.data import as_image_array, load_image, shrink_images
 from model.device import select_device
@@ -214,6 +214,10 @@ def test_the_small_cnn_pools_a_larger_image_down_to_the_size_its_body_is_built_f
         hook.remove()
         assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.backbone) == 2 + pools
         assert grids == [max(size >> pools >> 2, 1)], (size, grids)
+    strip = torch.rand(4, 1, 8, 32)                     # 8 x 32 (a non-square case): pooled by its short side
+    spec = network_spec_for(strip, 3, EngineConfig(image_size=32))
+    assert spec["input_pools"] == 0
+    assert build_network("smallcnn", **spec).eval()(strip).shape == (4, 3)
 
 
 def test_a_checkpoint_from_before_input_pools_loads_scores_and_fine_tunes_with_its_own_network(tmp_path,
