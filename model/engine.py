@@ -26,6 +26,7 @@ from model.config import EngineConfig
 from model.data import as_image_array, load_image, to_storage, to_tensor
 from model.device import select_device
 from model.embeddings import FrozenBackbone, embed_images
+from model.networks import default_input_pools, resolve_arch
 from model.sources import FileImages, ImageSource, image_shape, num_images, place
 from selection import rank, scores
 from selection._validation import check_labels
@@ -231,9 +232,18 @@ def _fine_tunable(previous_checkpoint, class_names, images: ImageSource, config:
         logger.warning("The classes changed (%s -> %s): running Phase 1 again instead of fine-tuning",
                        list(saved["class_names"]), class_names)
         return None
-    channels, _, size = image_shape(images)
+    channels, height, size = image_shape(images)
     if (spec["in_channels"], spec["image_size"]) != (channels, size):
         logger.warning("The image shape changed: running Phase 1 again instead of fine-tuning")
+        return None
+    saved_arch = EngineConfig.from_dict(saved["config"]).arch
+    pools = default_input_pools(min(height, size))
+    if saved_arch in ("auto", "smallcnn") and resolve_arch(saved_arch, size) == "smallcnn" \
+            and spec["input_pools"] != pools:
+        logger.warning("The previous checkpoint's small CNN has %d input pools where this version builds %d for "
+                       "%d px images (it learns them faster and keeps more of the rare labels' clean samples): "
+                       "running Phase 1 again instead of fine-tuning; trusted labels stay trusted",
+                       spec["input_pools"], pools, size)
         return None
     return state, saved
 

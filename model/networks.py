@@ -181,7 +181,8 @@ def build_network(arch: str, *, num_classes: int, in_channels: int, image_size: 
     small_input_stem : ResNets only; None = :func:`default_small_input_stem`.  A
         checkpoint stores the resolved value so that it rebuilds the same network.
     input_pools : the small CNN only; None = :func:`default_input_pools`, stored
-        like ``small_input_stem`` (checkpoints from before it have none: 0).
+        like ``small_input_stem`` (checkpoints from before it have none: 0; their
+        next training runs Phase 1 again, model.engine).
     """
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")

@@ -220,8 +220,8 @@ def test_the_small_cnn_pools_a_larger_image_down_to_the_size_its_body_is_built_f
     assert build_network("smallcnn", **spec).eval()(strip).shape == (4, 3)
 
 
-def test_a_checkpoint_from_before_input_pools_loads_scores_and_fine_tunes_with_its_own_network(tmp_path,
-                                                                                              monkeypatch):
+def test_a_checkpoint_from_before_input_pools_still_scores_and_its_next_training_builds_the_new_network(
+        tmp_path, monkeypatch, caplog):
     from model import coteaching
 
     images, labels = _toy_data(60)
@@ -240,11 +240,19 @@ def test_a_checkpoint_from_before_input_pools_loads_scores_and_fine_tunes_with_i
     assert score_images(tmp_path / "old.pt", images[:5]).pred_probs.shape == (5, 3)
     trusted = np.zeros(60, bool)
     trusted[:3] = True
-    train_and_score(images, labels, class_names=["a", "b", "c"], trusted_mask=trusted,
-                    previous_checkpoint=tmp_path / "old.pt", checkpoint_path=tmp_path / "tuned.pt",
-                    config=config, progress_bar=False)
-    tuned, _ = load_checkpoint(tmp_path / "tuned.pt", device=torch.device("cpu"))
-    assert tuned.network_spec["input_pools"] == 0           # fine-tuned; Phase 1 again would build 1 pool
+    with caplog.at_level("WARNING", logger="model.engine"):
+        result = train_and_score(images, labels, class_names=["a", "b", "c"], trusted_mask=trusted,
+                                 previous_checkpoint=tmp_path / "old.pt", checkpoint_path=tmp_path / "new.pt",
+                                 config=config, progress_bar=False)
+    assert any("0 input pools where this version builds 1" in r.getMessage() for r in caplog.records)
+    new, _ = load_checkpoint(tmp_path / "new.pt", device=torch.device("cpu"))
+    assert new.network_spec["input_pools"] == 1 and result.lnl_clean_mask[:3].all()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="model.engine"):                 # and from then on it fine-tunes
+        train_and_score(images, labels, class_names=["a", "b", "c"], trusted_mask=trusted,
+                        previous_checkpoint=tmp_path / "new.pt", checkpoint_path=tmp_path / "tuned.pt",
+                        config=config, progress_bar=False)
+    assert not any("Phase 1 again" in r.getMessage() for r in caplog.records)
 
 
 def test_device_selection_on_this_machine():
@@ -442,7 +450,7 @@ def test_logit_adjusted_folds_stop_calling_a_rare_clean_class_wrong(monkeypatch)
 
 def test_the_noise_estimate_on_32_px_images_is_as_close_as_on_8_px():
     """Digits (long-tailed 20:1, 40% noise) as PNG files decoded at 32 px, the backend's size: the per-label
-    estimate is as close to the truth as at 8 px (measured: see the assertion)."""
+    estimate is as close to the truth as at 8 px (weighted error 0.074 vs 0.071; 0.116 without the input pools)."""
     import io
 
     from PIL import Image
