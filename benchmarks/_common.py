@@ -16,7 +16,7 @@ def load_case(*, seed: int, noise_rate: float = 0.4, noise: str = "symmetric", i
 
 
 def upscale(images: np.ndarray, size: int) -> np.ndarray:
-    """(N, H, W, C) uint8 -> (N, size, size, C) uint8, bilinear (torch), for the image-size cost study."""
+    """(N, H, W, C) uint8 -> (N, size, size, C) uint8, bilinear (torch): the VoG cost and detection at 32 px."""
     import torch
     import torch.nn.functional as F
 
