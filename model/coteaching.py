@@ -165,11 +165,17 @@ def _sgd(network: nn.Module, lr: float, config: EngineConfig) -> torch.optim.Opt
 def network_spec_for(images: ImageSource, num_classes: int, config: EngineConfig) -> dict:
     """What build_network needs besides the config, derived from the training images."""
     mean, std = channel_stats(stats_sample(images, seed=config.seed))
-    channels, height, image_size = image_shape(images)
+    channels, _, image_size = image_shape(images)
     return {"num_classes": num_classes, "in_channels": int(channels), "image_size": int(image_size),
             "mean": mean, "std": std,
             "small_input_stem": default_small_input_stem(image_size, config.pretrained_weights),
-            "input_pools": default_input_pools(min(height, image_size))}   # a long image: its short side
+            "input_pools": input_pools_for(images)}
+
+
+def input_pools_for(images: ImageSource) -> int:
+    """The small CNN's input pools for these images, from their short side (a long image must keep its height)."""
+    _, height, width = image_shape(images)
+    return default_input_pools(min(height, width))
 
 
 def new_training_state(images: ImageSource, num_classes: int, config: EngineConfig,

@@ -20,13 +20,13 @@ import torch
 from torch.utils.data import Dataset
 
 from model import distributed
-from model.coteaching import (TrainingState, finetune, load_checkpoint, mc_dropout_probs, predict,
+from model.coteaching import (TrainingState, finetune, input_pools_for, load_checkpoint, mc_dropout_probs, predict,
                               save_checkpoint, train_coteaching)
 from model.config import EngineConfig
 from model.data import as_image_array, load_image, to_storage, to_tensor
 from model.device import select_device
 from model.embeddings import FrozenBackbone, embed_images
-from model.networks import default_input_pools, resolve_arch
+from model.networks import resolve_arch
 from model.sources import FileImages, ImageSource, image_shape, num_images, place
 from selection import rank, scores
 from selection._validation import check_labels
@@ -232,12 +232,12 @@ def _fine_tunable(previous_checkpoint, class_names, images: ImageSource, config:
         logger.warning("The classes changed (%s -> %s): running Phase 1 again instead of fine-tuning",
                        list(saved["class_names"]), class_names)
         return None
-    channels, height, size = image_shape(images)
+    channels, _, size = image_shape(images)
     if (spec["in_channels"], spec["image_size"]) != (channels, size):
         logger.warning("The image shape changed: running Phase 1 again instead of fine-tuning")
         return None
     saved_arch = EngineConfig.from_dict(saved["config"]).arch
-    pools = default_input_pools(min(height, size))
+    pools = input_pools_for(images)
     if saved_arch in ("auto", "smallcnn") and resolve_arch(saved_arch, size) == "smallcnn" \
             and spec["input_pools"] != pools:
         logger.warning("The previous checkpoint's small CNN has %d input pools where this version builds %d for "
