@@ -183,7 +183,8 @@ def train_with_torchrun(*, images=None, image_paths=None, channels: int, labels:
         result = SimpleNamespace(sample_ids=scores["sample_ids"], predicted_labels=scores["predicted_labels"],
                                  ls_score=scores["ls_score"], prob_label_wrong=scores["prob_label_wrong"],
                                  loss=scores["loss"], vog_scores=scores["vog"], priority=scores["priority"],
-                                 lnl_clean_mask=scores["lnl_clean_mask"])
+                                 lnl_clean_mask=scores["lnl_clean_mask"], phase=int(scores["phase"]),
+                                 phase_reason=str(scores["phase_reason"]))
     if not np.array_equal(result.sample_ids, sample_ids):
         raise TrainingProcessError("torchrun's scores.npz does not hold the job's samples in order")
     shutil.rmtree(work_dir, ignore_errors=True)      # the arrays were a copy; keep the version small
@@ -424,13 +425,13 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
                 "skipped_images": len(errors)}
 
     fingerprint = config_fingerprint(info)
-    previous_checkpoint = None
+    previous_checkpoint, not_fine_tuned = None, ""
     if previous and prev_meta.get("config_fingerprint") == fingerprint:
         previous_checkpoint = store.version_dir(previous) / "checkpoint.pt"
     elif previous:
-        logger.warning("project %d: labelling config changed since %s: training from scratch (Phase 1)",
-                       p, previous)
-    phase = 2 if previous_checkpoint is not None else 1
+        not_fine_tuned = (f"The labelling config changed since {previous}" if "config_fingerprint" in prev_meta
+                          else f"{previous}'s meta.json records no labelling config (missing or unreadable)")
+        logger.warning("project %d: %s: training from scratch (Phase 1)", p, not_fine_tuned)
 
     version = store.next_version()
     tmp = store.begin(version)
@@ -438,7 +439,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         ids = np.array([int(ok_tasks[j]["id"]) for j in train_pos], dtype=np.int64)
         y = np.array([ok_labels[j].label for j in train_pos], dtype=np.int64)
         trusted_mask = np.array([ok_labels[j].is_trusted for j in train_pos], dtype=bool)
-        stage = f"train (phase {phase})"
+        stage = "train"          # the engine reports "co-teaching" or "fine-tuning" once it knows which runs
         progress(stage, 0.0)
         config = engine_config(engine, settings, class_forget_rates=class_forget_rates, streaming=streaming)
         processes = settings.training_processes
@@ -470,7 +471,8 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         atomic_write_json(tmp / "results.json", {
             "version": version, "project": p, "class_names": list(info.class_names),
             "items": {str(k): v for k, v in records.items()}})
-        meta = {"version": version, "project": p, "phase": phase, "previous": previous,
+        meta = {"version": version, "project": p, "phase": result.phase, "previous": previous,
+                "phase_reason": not_fine_tuned or result.phase_reason,     # why a Phase 1 after a version
                 "annotation_state": annotations_before,
                 "reason": reason, "config_fingerprint": fingerprint,
                 "class_names": list(info.class_names), "n_tasks": len(tasks),
@@ -489,10 +491,10 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         store.abort(tmp)
         raise
     logger.info("project %d: model version %s saved (phase %d, %d trained, %d trusted)", p, version,
-                phase, len(train_pos), n_trusted)
+                meta["phase"], len(train_pos), n_trusted)
     served = serve_version(client, store, p, version, records, info, settings, progress, may_publish,
                            newer_job_queued)
-    return {"status": "trained", "project": p, "model_version": version, "phase": phase,
+    return {"status": "trained", "project": p, "model_version": version, "phase": meta["phase"],
             "n_trained": len(train_pos), "n_trusted": n_trusted, "skipped_images": len(errors), **served,
             "seconds": round(time.monotonic() - t0, 2)}
 

@@ -64,13 +64,17 @@ class EngineResult:
     mc_pred_probs: np.ndarray | None = None   # (T, N, K) when config.mc_dropout_passes > 0
     forget_rate: float | None = None
     history: list[dict] | None = None
+    phase: int = 0                # train_and_score: 1 = Co-teaching from scratch, 2 = previous checkpoint
+                                  # fine-tuned; 0 = score_images (no training)
+    phase_reason: str = ""        # why a previous checkpoint was not fine-tuned ("" when it was, or none given)
 
     def save_scores(self, path: str | os.PathLike) -> None:
-        """The per-sample results as .npz, with the keys of ../shared/INTERFACES.md (scores.npz)."""
+        """The per-sample results as .npz, with the keys of ../shared/INTERFACES.md (scores.npz), plus
+        ``phase`` and ``phase_reason`` (0-d) for a caller that passed a previous checkpoint."""
         np.savez(path, priority=self.priority, ls_score=self.ls_score, loss=self.loss, vog=self.vog_scores,
                  pred_probs=self.pred_probs, lnl_clean_mask=self.lnl_clean_mask,
                  prob_label_wrong=self.prob_label_wrong, predicted_labels=self.predicted_labels,
-                 sample_ids=self.sample_ids)
+                 sample_ids=self.sample_ids, phase=self.phase, phase_reason=self.phase_reason)
 
 
 def train_and_score(images, labels, *, sample_ids=None, class_names, trusted_mask=None,
@@ -133,7 +137,9 @@ def train_and_score(images, labels, *, sample_ids=None, class_names, trusted_mas
     val = (None, None) if val_images is None else (
         val_images if backbone else to_tensor(as_image_array(val_images)),
         torch.from_numpy(check_labels(val_labels, len(class_names))))
-    previous = _fine_tunable(previous_checkpoint, class_names, x, config, backbone)
+    previous, phase_reason = _fine_tunable(previous_checkpoint, class_names, x, config, backbone)
+    if phase_reason:
+        logger.warning("%s: running Phase 1 again instead of fine-tuning", phase_reason)
     extra = {"class_names": class_names, "sample_ids": torch.from_numpy(sample_ids),
              "labels": y, "trusted_mask": trusted}
     if backbone is not None:
@@ -162,6 +168,7 @@ def train_and_score(images, labels, *, sample_ids=None, class_names, trusted_mas
     distributed.barrier(ctx)
     result = _score(state, x, labels, sample_ids, class_names, trusted_mask, vog, config)
     result.history = state.history
+    result.phase, result.phase_reason = (1, phase_reason) if previous is None else (2, "")
     return result
 
 
@@ -213,39 +220,34 @@ def _embedded(images, config: EngineConfig, *, backbone: FrozenBackbone | None =
 
 
 def _fine_tunable(previous_checkpoint, class_names, images: ImageSource, config: EngineConfig,
-                  backbone: FrozenBackbone | None):
+                  backbone: FrozenBackbone | None) -> tuple[tuple[TrainingState, dict] | None, str]:
+    """The previous checkpoint's (state, saved dict) when Phase 2 can fine-tune it on ``images``, else
+    None and the reason it cannot ("" when there is no previous checkpoint)."""
     if previous_checkpoint is None:
-        return None
+        return None, ""
     try:
         state, saved = load_checkpoint(previous_checkpoint, device=select_device(config.device), config=config)
     except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        logger.error("The previous checkpoint %s cannot be read (%s: %s): running Phase 1 again instead of "
-                     "fine-tuning", previous_checkpoint, type(exc).__name__, exc)
-        return None
+        return None, f"The previous checkpoint {previous_checkpoint} cannot be read ({type(exc).__name__}: {exc})"
     spec = state.network_spec
     saved_backbone = saved.get("frozen_backbone", {}).get("fingerprint")
     if saved_backbone != (backbone.fingerprint if backbone else None):
-        logger.warning("The previous checkpoint was trained %s and this training is %s: running Phase 1 again "
-                       "instead of fine-tuning", _mode(saved_backbone), _mode(backbone and backbone.fingerprint))
-        return None
+        return None, (f"The previous checkpoint was trained {_mode(saved_backbone)} and this training is "
+                      f"{_mode(backbone and backbone.fingerprint)}")
     if list(saved["class_names"]) != class_names:
-        logger.warning("The classes changed (%s -> %s): running Phase 1 again instead of fine-tuning",
-                       list(saved["class_names"]), class_names)
-        return None
+        return None, f"The classes changed ({list(saved['class_names'])} -> {class_names})"
     channels, _, size = image_shape(images)
     if (spec["in_channels"], spec["image_size"]) != (channels, size):
-        logger.warning("The image shape changed: running Phase 1 again instead of fine-tuning")
-        return None
+        return None, (f"The image shape changed ({spec['in_channels']} x {spec['image_size']} px -> "
+                      f"{channels} x {size} px, channels x size)")
     saved_arch = EngineConfig.from_dict(saved["config"]).arch
     pools = input_pools_for(images)
     if saved_arch in ("auto", "smallcnn") and resolve_arch(saved_arch, size) == "smallcnn" \
             and spec["input_pools"] != pools:
-        logger.warning("The previous checkpoint's small CNN has %d input pools where this version builds %d for "
-                       "%d px images (it learns them faster and keeps more of the rare labels' clean samples): "
-                       "running Phase 1 again instead of fine-tuning; trusted labels stay trusted",
-                       spec["input_pools"], pools, size)
-        return None
-    return state, saved
+        return None, (f"The previous checkpoint's small CNN has {spec['input_pools']} input pools where this "
+                      f"version builds {pools} for {size} px images (it learns them faster and keeps more of the "
+                      "rare labels' clean samples)")
+    return (state, saved), ""
 
 
 def _mode(fingerprint: str | None) -> str:

@@ -126,6 +126,7 @@ def test_relabel_makes_task_trusted_and_phase_2(fake_ls):
     summary = run_training_job(1, settings=Settings.from_env())
     assert summary["phase"] == 2 and summary["n_trusted"] == 1
     meta = ProjectStore(Settings.from_env().model_dir, 1).load_meta(summary["model_version"])
+    assert meta["phase"] == 2 and meta["phase_reason"] == ""
     assert meta["trusted_task_ids"] == [200] and meta["trained_task_labels"]["200"] == 2
     pushed = [p for p in fake_ls.predictions if p["model_version"] == summary["model_version"] and p["task"] == 200]
     assert pushed[0]["result"][0]["meta"]["trusted"] is True
@@ -496,28 +497,37 @@ def test_thread_fallback_coalesces_a_burst_and_drops_nothing():
 
 
 def test_a_corrupt_checkpoint_results_or_meta_file_is_survived(fake_ls, caplog):
-    """A truncated checkpoint: the next job trains Phase 1 instead of failing; a corrupt
-    results.json: /predict answers (no predictions) instead of a 500; a corrupt meta.json: the
-    reconciliation passes the project by and the next job trains as if the version knew nothing
-    (before, every job of the project failed on it, for good); the next job replaces them."""
+    """A truncated checkpoint: the next job trains Phase 1 instead of failing, and its version says
+    so; a corrupt results.json: /predict answers (no predictions) instead of a 500; a corrupt
+    meta.json: the reconciliation passes the project by and the next job trains as if the version
+    knew nothing (before, every job of the project failed on it, for good); the next job replaces them."""
     from ml_backend.ls_client import LabelStudioClient
     from ml_backend.reconcile import stale_projects
 
     settings = Settings.from_env()
-    first = run_training_job(1, settings=settings)["model_version"]
     store = ProjectStore(settings.model_dir, 1)
+    first = run_training_job(1, settings=settings)["model_version"]
     checkpoint = store.version_dir(first) / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
-    (store.version_dir(first) / "results.json").write_text('{"version": "alr-v1", "items": {')
-    (store.version_dir(first) / "meta.json").write_bytes(b'{"annotation_state": {"counts": [\xff')
+    fake_ls.annotate(200, "2")
+    summary = run_training_job(1, settings=settings)
+    second = summary["model_version"]
+    meta = store.load_meta(second)                        # the version says it is a Phase 1, and why
+    assert summary["phase"] == meta["phase"] == 1 and f"{checkpoint} cannot be read" in meta["phase_reason"]
+    assert meta["trusted_task_ids"] == [200]
+
+    (store.version_dir(second) / "results.json").write_text('{"version": "alr-v1", "items": {')
+    (store.version_dir(second) / "meta.json").write_bytes(b'{"annotation_state": {"counts": [\xff')
     client = create_app(settings).test_client()
     r = client.post("/predict", json=predict_body([fake_ls.tasks[100]]))
     assert r.status_code == 200 and r.get_json()["results"] == [{"result": [], "model_version": "alr-untrained"}]
-    fake_ls.annotate(200, "2")
+    fake_ls.annotate(201, "2")
     assert stale_projects(LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key), settings) == []
     summary = run_training_job(1, settings=settings)
-    assert summary["status"] == "trained" and store.current_version() == summary["model_version"] != first
+    assert summary["status"] == "trained" and store.current_version() == summary["model_version"] != second
     assert "cannot be read" in caplog.text and "meta.json" in caplog.text
+    meta = store.load_meta(summary["model_version"])
+    assert meta["phase"] == 1 and "meta.json records no labelling config" in meta["phase_reason"]
     assert client.post("/predict", json=predict_body([fake_ls.tasks[100]])).get_json()["results"][0]["result"]
 
 

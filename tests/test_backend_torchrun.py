@@ -97,7 +97,7 @@ def test_torchrun_job_with_two_gloo_ranks_publishes_sane_records(digits_ls, monk
 
     digits_ls.annotate(1000, "9")                              # a relabel: Phase 2 through torchrun too
     summary = run_training_job(1, settings=Settings.from_env())
-    assert summary["phase"] == 2
+    assert summary["phase"] == 2 and _published(settings)[1]["phase"] == 2    # as the ranks' scores.npz says
     results, _ = _published(settings)
     assert results["items"]["1000"]["trusted"] and results["items"]["1000"]["score"] == 1.0
 

@@ -245,14 +245,16 @@ def test_a_checkpoint_from_before_input_pools_still_scores_and_its_next_training
                                  previous_checkpoint=tmp_path / "old.pt", checkpoint_path=tmp_path / "new.pt",
                                  config=config, progress_bar=False)
     assert any("0 input pools where this version builds 1" in r.getMessage() for r in caplog.records)
+    assert result.phase == 1 and "0 input pools where this version builds 1" in result.phase_reason
     new, _ = load_checkpoint(tmp_path / "new.pt", device=torch.device("cpu"))
     assert new.network_spec["input_pools"] == 1 and result.lnl_clean_mask[:3].all()
     caplog.clear()
     with caplog.at_level("WARNING", logger="model.engine"):                 # and from then on it fine-tunes
-        train_and_score(images, labels, class_names=["a", "b", "c"], trusted_mask=trusted,
-                        previous_checkpoint=tmp_path / "new.pt", checkpoint_path=tmp_path / "tuned.pt",
-                        config=config, progress_bar=False)
+        tuned = train_and_score(images, labels, class_names=["a", "b", "c"], trusted_mask=trusted,
+                                previous_checkpoint=tmp_path / "new.pt", checkpoint_path=tmp_path / "tuned.pt",
+                                config=config, progress_bar=False)
     assert not any("Phase 1 again" in r.getMessage() for r in caplog.records)
+    assert (tuned.phase, tuned.phase_reason) == (2, "")
 
 
 def test_device_selection_on_this_machine():

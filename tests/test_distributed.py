@@ -56,6 +56,7 @@ def test_two_gloo_ranks_match_one_process(case, tmp_path):
     case_path, data = case
     single = _train(case_path, tmp_path / "single", 1)
     double = _train(case_path, tmp_path / "ddp", 2)
+    assert int(single["phase"]) == int(double["phase"]) == 1 and str(double["phase_reason"]) == ""
     agreement = np.mean(single["lnl_clean_mask"] == double["lnl_clean_mask"])
     assert agreement >= 0.85, f"clean/noisy splits agree on {agreement:.3f} of samples"
     correct = data.labels == data.labels_true
