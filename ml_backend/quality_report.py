@@ -38,15 +38,18 @@ def version_arrays(results: VersionResults) -> dict[str, np.ndarray]:
 
 
 def version_progress(results: VersionResults) -> VersionProgress:
-    """Relabels in a version, how many changed the given label, the errors it estimates are left."""
+    """Relabels in a version, how many changed the given label, the errors it estimates are left,
+    and whether it fine-tuned the version before or trained from scratch (and why, after a first one)."""
     a = version_arrays(results)
     trained = results.meta.get("trained_task_labels") or {}
     trusted_ids = a["sample_ids"][a["trusted_mask"]]
     given = dict(zip(a["sample_ids"].tolist(), a["labels"].tolist()))
     changed = sum(1 for t in trusted_ids.tolist() if str(t) in trained and trained[str(t)] != given[t])
     untrusted = ~a["trusted_mask"] & (a["labels"] >= 0)
+    how = {1: "from scratch", 2: "fine-tuned"}.get(results.meta.get("phase"), "")
     return VersionProgress(results.version, int(a["trusted_mask"].sum()), changed,
-                           float(a["prob_label_wrong"][untrusted].sum()))
+                           float(a["prob_label_wrong"][untrusted].sum()), trained=how,
+                           trained_because=str(results.meta.get("phase_reason") or ""))
 
 
 def project_report(project_id: int, results: VersionResults, settings: Settings) -> str:

@@ -31,12 +31,15 @@ MIN_SAMPLES = 5             # labels with fewer samples get no warning (too few 
 
 @dataclass(frozen=True)
 class VersionProgress:
-    """One model version: relabels trusted so far, how many changed the given label, and the
-    errors the version estimates are left (sum of P(label wrong) over the untrusted)."""
+    """One model version: relabels trusted so far, how many changed the given label, the errors
+    the version estimates are left (sum of P(label wrong) over the untrusted), and how it was
+    trained (e.g. "fine-tuned", "from scratch"; "" = not said) and why, where the caller knows."""
     name: str
     relabels: int
     changed: int
     errors_left: float
+    trained: str = ""
+    trained_because: str = ""
 
 
 def noise_per_label(labels: np.ndarray, prob_label_wrong: np.ndarray, *, num_classes: int,
@@ -149,9 +152,12 @@ def label_quality_report(labels: np.ndarray, suggested: np.ndarray, prob_label_w
 
     rows = "".join(f"<tr><td>{html.escape(v.name)}</td><td>{v.relabels}</td><td>{v.changed}</td>"
                    f"<td>{f'{v.changed / v.relabels:.0%}' if v.relabels else '-'}</td>"
-                   f"<td>{v.errors_left:.1f}</td></tr>" for v in history)
+                   f"<td>{v.errors_left:.1f}</td>"
+                   f'<td class="trained">{html.escape(v.trained or "-")}'
+                   f'{f"<br><small>{html.escape(v.trained_because)}</small>" if v.trained_because else ""}</td></tr>'
+                   for v in history)
     progress = (f'<table id="progress"><tr><th>version</th><th>relabels</th><th>changed the label</th>'
-                f'<th>hit rate</th><th>estimated errors left</th></tr>{rows}</table>'
+                f'<th>hit rate</th><th>estimated errors left</th><th class="trained">trained</th></tr>{rows}</table>'
                 if history else "<p>No earlier versions yet.</p>")
     warning_html = "".join(f'<div class="warning">{html.escape(w)}</div>' for w in warnings)
     return f"""<!doctype html>
@@ -166,6 +172,7 @@ h1 {{ margin-bottom: 0; }} .sub {{ color: #666; margin-top: 4px; }}
 .card img, .noimg {{ width: 150px; height: 150px; object-fit: contain; background: #000; display: block; }}
 .noimg {{ color: #aaa; text-align: center; line-height: 150px; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+.trained {{ text-align: left; max-width: 40em; }} td.trained small {{ color: #666; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1><p class="sub">{html.escape(subtitle)}</p>
 <p id="summary">{n} samples, {int(trusted.sum())} with a trusted label; estimated wrong labels left (the sum

@@ -582,6 +582,7 @@ def test_the_report_page_shows_the_suspects_and_the_progress_of_relabels(fake_ls
     assert html[first:].split("task=")[1].split('"')[0] == "201"          # the remaining wrong label leads
     assert f'src="{fake_ls.url}/data/upload/1/task-201.png"' in html      # its thumbnail, from Label Studio
     assert "<td>1</td><td>1</td><td>100%</td>" in html                    # v2: one relabel, it changed the label
+    assert [cell.split("<")[0] for cell in html.split('<td class="trained">')[1:]] == ["from scratch", "fine-tuned"]
     assert html.count('src="data:image/png;base64,') == 2                  # the two plots
 
 

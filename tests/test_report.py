@@ -44,12 +44,15 @@ def test_the_page_shows_suspects_in_priority_order_with_links_and_progress():
     page = label_quality_report(labels, suggested, prob, class_names=NAMES, priority=priority, trusted_mask=trusted,
                                 sample_ids=ids, links=[f"http://ls/projects/1/data?task={i}" for i in ids],
                                 thumbnails=[f"http://ls/data/{i}.png" for i in ids], top=5,
-                                history=[VersionProgress("alr-v1", 0, 0, 60.0), VersionProgress("alr-v2", 10, 7, 52.5)])
+                                history=[VersionProgress("alr-v1", 0, 0, 60.0, trained="from scratch"),
+                                         VersionProgress("alr-v2", 10, 7, 52.5, trained="from scratch",
+                                                         trained_because="The classes changed <a> & <b>")])
     expected = [i for i in np.argsort(-priority, kind="stable") if not trusted[i]][:5]
     shown = [int(part.split('"')[0]) for part in page.split('href="http://ls/projects/1/data?task=')[1:]]
     assert shown == [int(ids[i]) for i in expected]
     assert page.count('class="card"') == 5 and 'src="data:image/png;base64,' in page
     assert "look swapped" in page and "<td>70%</td>" in page
+    assert "<small>The classes changed &lt;a&gt; &amp; &lt;b&gt;</small>" in page      # why, escaped
     with pytest.raises(ValueError, match="one entry per sample"):
         label_quality_report(labels, suggested, prob[:-1], class_names=NAMES, priority=priority)
     with pytest.raises(ValueError, match="-1"):
