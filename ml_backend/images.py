@@ -237,16 +237,18 @@ def load_task_images(tasks: list[dict], image_field: str, cache: ImageCache, loa
 
 
 def cache_task_images(tasks: list[dict], image_field: str, cache: ImageCache, load_image: Callable,
-                      *, image_size: int, channels: int, workers: int = 8, max_unreachable: int | None = None
-                      ) -> tuple[list[int], list[str], dict[int, str]]:
+                      *, image_size: int, channels: int, workers: int = 8, max_unreachable: int | None = None,
+                      keep: Callable[[np.ndarray], None] | None = None) -> tuple[list[int], list[str], dict[int, str]]:
     """Like :func:`load_task_images`, but returns the cached files' paths, not the pixels.
 
     Every image is decoded once here, so that a broken one is skipped now rather than failing
     a DataLoader worker mid-training; only one image is in memory at a time (large projects:
-    ``model.sources.FileImages`` streams the files into training).
+    ``model.sources.FileImages`` streams the files into training).  ``keep`` is given each
+    usable image's pixels, in the order of the returned paths (a
+    ``model.sources.DecodedImagesWriter.append``, so that training need not decode them again).
     """
     return _fetch_and_check(tasks, image_field, cache, load_image, image_size=image_size,
-                            channels=channels, workers=workers, keep=None, max_unreachable=max_unreachable)
+                            channels=channels, workers=workers, keep=keep, max_unreachable=max_unreachable)
 
 
 def _fetch_and_check(tasks, image_field, cache, load_image, *, image_size, channels, workers, keep,

@@ -7,8 +7,9 @@ and is the only place that calls the engine (``model.engine.train_and_score``).
 Two ways to train, the same records after: in the worker's own process (default), or, when
 ALR_GPUS_PER_JOB (or ALR_TRAIN_PROCESSES) > 1, ``torchrun -m model.train`` as a subprocess
 with one process per GPU (DDP; gloo ranks on a CPU), which hands back ``scores.npz``.
-Large projects (more than ALR_STREAM_ABOVE_TASKS tasks) stream images from the on-disk cache
-with ``model.sources.FileImages`` instead of decoding them all into memory.
+Large projects (more than ALR_STREAM_ABOVE_TASKS tasks) are not held in memory: their images
+are decoded once into a file that training streams (``model.sources.DecodedImages``), or, where
+the disk lacks room, streamed from the image cache's files (``model.sources.FileImages``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -110,24 +112,28 @@ class SupersededError(RuntimeError):
 _EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)")
 
 
-def train_with_torchrun(*, images=None, image_paths=None, channels: int, labels: np.ndarray,
-                        sample_ids: np.ndarray, trusted_mask: np.ndarray, class_names: list[str], config,
-                        previous_checkpoint, checkpoint_path: Path, work_dir: Path, processes: int,
-                        timeout: float, progress: Progress, stage: str) -> SimpleNamespace:
+def train_with_torchrun(images, *, labels: np.ndarray, sample_ids: np.ndarray, trusted_mask: np.ndarray,
+                        class_names: list[str], config, previous_checkpoint, checkpoint_path: Path, work_dir: Path,
+                        processes: int, timeout: float, progress: Progress, stage: str) -> SimpleNamespace:
     """Phase 1 / Phase 2 in ``processes`` torchrun ranks (``python -m model.train``); the result
     read back from its scores.npz carries the fields :func:`build_records` uses.
 
-    ``images`` (N, H, W, C) uint8 or ``image_paths`` (N,) (streamed by each rank) go into
-    ``work_dir/job.npz``; the log lines of rank 0 go into this job's log; the subprocess group
-    is killed after ``timeout`` seconds or when this job is interrupted.
+    ``images``: (N, H, W, C) uint8, copied into ``work_dir/job.npz``; or a
+    ``model.sources.DecodedImages`` / ``FileImages``, of which only the file names go there (each
+    rank streams them).  The log lines of rank 0 go into this job's log; the subprocess group is
+    killed after ``timeout`` seconds or when this job is interrupted.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     arrays = {"labels_noisy": np.asarray(labels, np.int64), "sample_ids": np.asarray(sample_ids, np.int64),
               "trusted_mask": np.asarray(trusted_mask, bool), "class_names": np.array(class_names, dtype=str)}
-    if image_paths is not None:
-        arrays.update(image_paths=np.array(image_paths, dtype=str), channels=np.int64(channels))
+    engine = load_engine()
+    if isinstance(images, engine.DecodedImages):
+        arrays.update(decoded_images=np.array(images.path), decoded_shape=np.array(images.shape, np.int64),
+                      decoded_rows=images.rows)
+    elif isinstance(images, engine.FileImages):
+        arrays.update(image_paths=np.array(images.paths, dtype=str), channels=np.int64(images.channels))
     else:
-        arrays["images"] = images
+        arrays["images"] = np.asarray(images)
     np.savez(work_dir / "job.npz", **arrays)
     (work_dir / "config.json").write_text(json.dumps(config.to_dict()))
     out = work_dir / "out"
@@ -393,23 +399,39 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     cache = ImageCache(settings.cache_dir, client, max_cache_bytes=settings.image_cache_max_mb * 2**20,
                        protect_seconds=settings.job_timeout)
     load_image = settings.image_loader(engine.load_image)
-    # a large project keeps file paths and lets DataLoader workers decode per batch; so does fast mode,
-    # whose embeddings are found again by the files' bytes (a retraining decodes no image it has seen)
+    # A large project is not held in memory: the check below decodes each image once into a file that the
+    # epochs read back (DecodedImages), or, where the disk has no room for it, DataLoader workers decode the
+    # cached files per batch (FileImages). Fast mode streams the files too: its embeddings are found again by
+    # the files' bytes (a retraining decodes no image it has seen).
     streaming = settings.frozen_backbone or len(tasks) > settings.stream_above_tasks
-    fetch = cache_task_images if streaming else load_task_images
+    decoded_dir = store.root / ".tmp-decoded"          # removed when training ends; a killed job's by the next job
+    writer = None
     if streaming:
         logger.info("project %d: streaming images from the cache (%s)", p,
                     "fast mode" if settings.frozen_backbone else
                     f"{len(tasks)} tasks > ALR_STREAM_ABOVE_TASKS={settings.stream_above_tasks}")
+        if not settings.frozen_backbone:
+            decoded_dir.mkdir(parents=True, exist_ok=True)
+            writer = engine.DecodedImagesWriter(decoded_dir / "images.u8", capacity=len(tasks),
+                                                image_shape=(settings.channels, settings.image_size,
+                                                             settings.image_size))
+    fetch = partial(cache_task_images, keep=writer and writer.append) if streaming else load_task_images
     try:
         ok_idx, fetched, errors = fetch(tasks, info.image_field, cache, load_image, image_size=settings.image_size,
                                         channels=settings.channels, max_unreachable=unreachable_allowance(len(tasks)))
     except ImageHostDown as exc:
+        shutil.rmtree(decoded_dir, ignore_errors=True)
         logger.error("project %d: not training: %s Version %s stays served; the next event, or reconciliation "
                      "(ALR_RECONCILE_SECONDS) once a version exists, tries again.", p, exc, previous or "(none)")
         raise
+    decoded = writer and writer.finish()
+    if decoded is not None:
+        logger.info("project %d: %d images decoded once into %s (%.0f MB); the epochs read them from there", p,
+                    len(decoded), decoded.path, os.path.getsize(decoded.path) / 2**20)
 
     def images_at(pos):
+        if decoded is not None:
+            return decoded.select(pos)
         if streaming:
             return engine.FileImages([fetched[j] for j in pos], image_size=settings.image_size,
                                      channels=settings.channels, resize=settings.resize)
@@ -419,6 +441,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     train_pos = [j for j, tl in enumerate(ok_labels) if tl.label is not None]
     other_pos = [j for j, tl in enumerate(ok_labels) if tl.label is None]
     if len(train_pos) < settings.min_labelled_tasks:
+        shutil.rmtree(decoded_dir, ignore_errors=True)
         logger.error("project %d: only %d labelled tasks with a usable image (< ALR_MIN_LABELLED_TASKS=%d): "
                      "not training", p, len(train_pos), settings.min_labelled_tasks)
         return {"status": "not_enough_data", "project": p, "labelled": len(train_pos),
@@ -445,11 +468,9 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
         processes = settings.training_processes
         if processes > 1:
             result = train_with_torchrun(
-                images=None if streaming else fetched[train_pos],
-                image_paths=[fetched[j] for j in train_pos] if streaming else None, channels=settings.channels,
-                labels=y, sample_ids=ids, trusted_mask=trusted_mask, class_names=list(info.class_names),
-                config=config, previous_checkpoint=previous_checkpoint, checkpoint_path=tmp / "checkpoint.pt",
-                work_dir=tmp / "torchrun", processes=processes,
+                images_at(train_pos), labels=y, sample_ids=ids, trusted_mask=trusted_mask,
+                class_names=list(info.class_names), config=config, previous_checkpoint=previous_checkpoint,
+                checkpoint_path=tmp / "checkpoint.pt", work_dir=tmp / "torchrun", processes=processes,
                 timeout=settings.job_timeout - (time.monotonic() - t0), progress=progress, stage=stage)
         else:
             result = engine.train_and_score(
@@ -479,6 +500,7 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
                 "n_trained": len(train_pos), "n_trusted": n_trusted,
                 "n_scored_only": len(other_pos), "skipped_images": errors,
                 "train_processes": processes, "streamed_images": streaming,
+                "images_decoded_once": decoded is not None,
                 "trained_task_labels": {str(int(ok_tasks[j]["id"])): int(ok_labels[j].label)
                                         for j in train_pos},
                 "trusted_task_ids": [int(ok_tasks[j]["id"]) for j in train_pos if ok_labels[j].is_trusted],
@@ -490,6 +512,8 @@ def run_training_job(project_id: int, *, settings: Settings | None = None, reaso
     except BaseException:
         store.abort(tmp)
         raise
+    finally:
+        shutil.rmtree(decoded_dir, ignore_errors=True)
     logger.info("project %d: model version %s saved (phase %d, %d trained, %d trusted)", p, version,
                 meta["phase"], len(train_pos), n_trusted)
     served = serve_version(client, store, p, version, records, info, settings, progress, may_publish,

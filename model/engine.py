@@ -27,13 +27,14 @@ from model.data import as_image_array, load_image, to_storage, to_tensor
 from model.device import select_device
 from model.embeddings import FrozenBackbone, embed_images
 from model.networks import resolve_arch
-from model.sources import FileImages, ImageSource, image_shape, num_images, place
+from model.sources import DecodedImages, DecodedImagesWriter, FileImages, ImageSource, image_shape, num_images, place
 from selection import rank, scores
 from selection._validation import check_labels
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EngineConfig", "EngineResult", "FileImages", "load_image", "train_and_score", "score_images"]
+__all__ = ["DecodedImages", "DecodedImagesWriter", "EngineConfig", "EngineResult", "FileImages", "load_image",
+           "train_and_score", "score_images"]
 
 
 def as_source(images, device: str = "auto") -> ImageSource:
@@ -88,7 +89,8 @@ def train_and_score(images, labels, *, sample_ids=None, class_names, trusted_mas
     Parameters
     ----------
     images : (N, H, W[, C]) uint8 or float in [0, 1], one size for all; or a
-        :class:`model.sources.FileImages` that streams them from disk (large projects).
+        :class:`model.sources.DecodedImages` / :class:`model.sources.FileImages` that streams
+        them from disk (large projects).
     labels : (N,) int in [0, K): the given labels, with the experts' labels
         already written in where ``trusted_mask`` is set.
     sample_ids : (N,) int, stable ids (default 0..N-1).

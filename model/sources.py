@@ -6,7 +6,9 @@ on the device that uses them (on CUDA, resident on the GPU when they fit:
 :func:`place`).  Large projects pass a
 :class:`FileImages`: each batch is decoded from disk by DataLoader worker
 processes, so memory holds a few batches, not the dataset; only the per-sample
-arrays (labels, scores, VoG buffers) grow with N.
+arrays (labels, scores, VoG buffers) grow with N.  Where the disk has room they
+are decoded once into a :class:`DecodedImages` file instead, so that each epoch
+copies bytes rather than decoding every image again.
 
 Every function below accepts either kind, so the training code has one path.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -50,6 +53,122 @@ class FileImages(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         array = load_image(self.paths[index], image_size=self.image_size, channels=self.channels, resize=self.resize)
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class DecodedImages(Dataset):
+    """Images decoded once into a raw uint8 file of shape ``shape`` (N, C, H, W), read back
+    through the operating system's page cache: a streamed project's epochs copy bytes instead
+    of decoding every file again, and memory holds a few batches, as with :class:`FileImages`.
+    ``rows`` picks and orders the images used (default: all).  Written by
+    :class:`DecodedImagesWriter`; items are (C, H, W) uint8 tensors, as FileImages'.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, shape: Sequence[int], rows: Sequence[int] | None = None):
+        self.path = os.fspath(path)
+        self.shape = tuple(int(d) for d in shape)
+        if len(self.shape) != 4:
+            raise ValueError(f"shape must be (N, C, H, W), got {self.shape}")
+        self.rows = np.arange(self.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+        if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= self.shape[0]):
+            raise ValueError(f"rows must lie in [0, {self.shape[0]})")
+        expected = int(np.prod(self.shape))
+        if os.path.getsize(self.path) != expected:
+            raise ValueError(f"{self.path} holds {os.path.getsize(self.path)} bytes, not the {expected} of "
+                             f"{self.shape} images")
+        self._array = None
+
+    def select(self, positions: Sequence[int]) -> DecodedImages:
+        """The images at ``positions`` of this one (same file)."""
+        return DecodedImages(self.path, shape=self.shape, rows=self.rows[np.asarray(positions, dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _mapped(self) -> np.ndarray:
+        if self._array is None:       # opened in each process that reads (DataLoader workers too)
+            self._array = np.memmap(self.path, dtype=np.uint8, mode="r", shape=self.shape)
+        return self._array
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self._mapped()[self.rows[index]]))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """A DataLoader batch in one read (rows in file order, then put back in the asked order)."""
+        rows = self.rows[np.asarray(indices, dtype=np.int64)]
+        order = np.argsort(rows, kind="stable")
+        batch = np.empty((len(rows), *self.shape[1:]), dtype=np.uint8)
+        batch[order] = self._mapped()[rows[order]]
+        return list(torch.from_numpy(batch).unbind(0))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}      # a worker maps the file itself
+
+
+class DecodedImagesWriter:
+    """Appends decoded (H, W, C) uint8 images to a raw file for :class:`DecodedImages`.
+
+    Writes are plain file writes, so a full disk is an ``OSError`` (a memory-mapped write would
+    be a SIGBUS that kills the process).  When the disk has no room for ``capacity`` images (plus
+    ``reserve_bytes``), or a write fails, the writer logs why, deletes what it wrote, ignores
+    further images and :meth:`finish` returns None: the caller streams the files instead.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, image_shape: Sequence[int], capacity: int,
+                 reserve_bytes: int = 256 * 2**20):
+        self.path = os.fspath(path)
+        self.image_shape = tuple(int(d) for d in image_shape)      # (C, H, W)
+        self.count = 0
+        self._file = None
+        needed = capacity * int(np.prod(self.image_shape))
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free
+        if needed + reserve_bytes > free:
+            logger.warning("not decoding the images into %s: %.0f MB needed, %.0f MB free; each epoch decodes the "
+                           "image files again instead (slower, same result)", self.path, needed / 2**20, free / 2**20)
+            return
+        self._file = open(self.path, "wb")
+
+    def append(self, image: np.ndarray) -> None:
+        if self._file is None:
+            return
+        chw = np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+        if chw.shape != self.image_shape:
+            raise ValueError(f"image of shape {chw.shape} (C, H, W), expected {self.image_shape}")
+        try:
+            self._file.write(chw.tobytes())
+        except OSError as exc:
+            self._give_up(exc)
+            return
+        self.count += 1
+
+    def finish(self) -> DecodedImages | None:
+        """The images written, or None where the writer gave up (or had none)."""
+        if self._file is None:
+            return None
+        try:
+            self._file.close()
+        except OSError as exc:       # the last buffered bytes did not fit either
+            self._file = None
+            self._give_up(exc)
+            return None
+        self._file = None
+        if self.count == 0:
+            os.unlink(self.path)
+            return None
+        return DecodedImages(self.path, shape=(self.count, *self.image_shape))
+
+    def _give_up(self, exc: OSError) -> None:
+        logger.warning("decoding the images into %s failed after %d (%s); each epoch decodes the image files again "
+                       "instead (slower, same result)", self.path, self.count, exc)
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
 
 
 def num_images(images: ImageSource) -> int:

@@ -17,7 +17,9 @@ What an ML backend training job adds (ml_backend/training.py launches it so):
   already written into ``labels_noisy``);
 * instead of ``images``, ``image_paths`` (N,) str with ``channels`` (): the images are
   streamed from those files by a :class:`model.sources.FileImages` at the config's
-  ``image_size`` (large projects: no rank holds the decoded dataset);
+  ``image_size`` (large projects: no rank holds the decoded dataset); or ``decoded_images``
+  () str, ``decoded_shape`` (4,) and optional ``decoded_rows`` (N,): a file of images decoded
+  once, read by a :class:`model.sources.DecodedImages`;
 * ``--config-json``: the whole EngineConfig (``EngineConfig.to_dict()``) as a JSON string or
   the path of a JSON file.  Hyperparameter flags given explicitly override its fields; the
   device is chosen per rank (``cuda:<LOCAL_RANK>`` or the CPU);
@@ -129,20 +131,25 @@ def _base_config(value: str | None) -> EngineConfig | None:
 def _load_case(path: Path, config: EngineConfig | None) -> dict:
     """The arrays of a simulation case or of a backend job (see the module docstring)."""
     from model.datasets import _int_labels, load_npz
-    from model.sources import FileImages
+    from model.sources import DecodedImages, FileImages
 
     with np.load(path, allow_pickle=False) as data:
         files = set(data.files)
-        extra = {key: data[key] for key in ("sample_ids", "trusted_mask", "image_paths", "channels",
-                                            "labels_noisy", "class_names") if key in files}
-    if "image_paths" in extra:
+        extra = {key: data[key] for key in ("sample_ids", "trusted_mask", "image_paths", "channels", "decoded_images",
+                                            "decoded_shape", "decoded_rows", "labels_noisy", "class_names")
+                 if key in files}
+    if "image_paths" in extra or "decoded_images" in extra:
         if config is None:
-            raise ValueError(f"{path} holds image_paths: give --config-json (its image_size sizes them)")
+            raise ValueError(f"{path} holds image files: give --config-json (its image_size sizes them)")
         if "labels_noisy" not in extra:
             raise ValueError(f"{path} lacks labels_noisy")
         labels = _int_labels(extra["labels_noisy"], "labels_noisy")
-        images = FileImages([str(p) for p in extra["image_paths"]], image_size=config.image_size,
-                            channels=int(extra.get("channels", 3)), resize=config.resize)
+        if "decoded_images" in extra:
+            images = DecodedImages(str(extra["decoded_images"]), shape=extra["decoded_shape"].tolist(),
+                                   rows=extra.get("decoded_rows"))
+        else:
+            images = FileImages([str(p) for p in extra["image_paths"]], image_size=config.image_size,
+                                channels=int(extra.get("channels", 3)), resize=config.resize)
         class_names = tuple(str(c) for c in extra["class_names"]) if "class_names" in extra else \
             tuple(str(c) for c in range(int(labels.max()) + 1))
         image_size = config.image_size

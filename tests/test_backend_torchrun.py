@@ -95,9 +95,11 @@ def test_torchrun_job_with_two_gloo_ranks_publishes_sane_records(digits_ls, monk
     version_dir = ProjectStore(settings.model_dir, 1).version_dir(summary["model_version"])
     assert not (version_dir / "torchrun").exists()            # the job's npz copy is not kept
 
-    digits_ls.annotate(1000, "9")                              # a relabel: Phase 2 through torchrun too
+    digits_ls.annotate(1000, "9")                              # a relabel: Phase 2 through torchrun too,
+    monkeypatch.setenv("ALR_STREAM_ABOVE_TASKS", "10")          # each rank reading the images decoded once
     summary = run_training_job(1, settings=Settings.from_env())
     assert summary["phase"] == 2 and _published(settings)[1]["phase"] == 2    # as the ranks' scores.npz says
+    assert _published(settings)[1]["images_decoded_once"] and _published(settings)[1]["train_processes"] == 2
     results, _ = _published(settings)
     assert results["items"]["1000"]["trusted"] and results["items"]["1000"]["score"] == 1.0
 
@@ -224,6 +226,8 @@ def test_streamed_images_give_the_same_results_as_in_memory(digits_ls, monkeypat
         run_training_job(1, settings=settings)
         runs[name] = _published(settings)
     assert not runs["memory"][1]["streamed_images"] and runs["stream"][1]["streamed_images"]
+    assert runs["stream"][1]["images_decoded_once"]                    # into one file, read back by each epoch ...
+    assert not (tmp_path / "stream" / "project-1" / ".tmp-decoded").exists()    # ... that the job removed
     memory, stream = runs["memory"][0]["items"], runs["stream"][0]["items"]
     assert memory.keys() == stream.keys()
     # Same seed, same training: the DataLoader that streams the files has a generator of its own
