@@ -11,6 +11,7 @@ import threading
 import time
 from html import escape
 
+import numpy as np
 import pytest
 
 from ml_backend.app import create_app
@@ -293,14 +294,18 @@ def test_per_label_forget_rates_from_an_audit_reach_the_engine_and_a_wrong_list_
     assert store.current_version() == version and store.list_versions() == [version]
 
 
-def test_failed_training_leaves_no_half_written_version(fake_ls, monkeypatch):
+@pytest.mark.parametrize("stream_above_tasks", ["5000", "1"])
+def test_failed_training_leaves_no_half_written_version(fake_ls, monkeypatch, stream_above_tasks):
+    """Nor, for a streamed project, the file of its decoded images."""
     import model.engine
 
-    def boom(*a, **k):
+    def boom(images, *a, **k):
+        assert isinstance(images, np.ndarray if stream_above_tasks == "5000" else model.engine.DecodedImages)
         raise RuntimeError("engine crashed")
 
+    monkeypatch.setenv("ALR_STREAM_ABOVE_TASKS", stream_above_tasks)
     monkeypatch.setattr(model.engine, "train_and_score", boom)    # a crash mid-training
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="engine crashed"):
         run_training_job(1, settings=Settings.from_env())
     store = ProjectStore(Settings.from_env().model_dir, 1)
     assert store.current_version() is None and store.list_versions() == []
