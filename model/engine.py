@@ -39,7 +39,10 @@ __all__ = ["DecodedImages", "DecodedImagesWriter", "EngineConfig", "EngineResult
 
 def as_source(images, device: str = "auto") -> ImageSource:
     """A FileImages (or any Dataset of (C, H, W) tensors) as it is; arrays validated into one
-    tensor (uint8 stays uint8), placed for the configured device (:func:`model.sources.place`)."""
+    tensor (uint8 stays uint8) and DecodedImages placed for the configured device
+    (:func:`model.sources.place`: on a GPU, resident when they fit)."""
+    if isinstance(images, DecodedImages):
+        return place(images, select_device(device))
     if isinstance(images, Dataset):
         return images
     return place(to_storage(as_image_array(images)), select_device(device))

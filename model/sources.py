@@ -103,6 +103,16 @@ class DecodedImages(Dataset):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_array": None}      # a worker maps the file itself
 
+    def load(self, device: torch.device, *, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+        """All the images as one (N, C, H, W) uint8 tensor on ``device``, copied a chunk at a time
+        (host memory holds one chunk, not the dataset)."""
+        out = torch.empty((len(self), *self.shape[1:]), dtype=torch.uint8, device=device)
+        per_chunk = max(1, chunk_bytes // int(np.prod(self.shape[1:])))
+        for start in range(0, len(self), per_chunk):
+            rows = self.rows[start:start + per_chunk]
+            out[start:start + len(rows)] = torch.from_numpy(np.ascontiguousarray(self._mapped()[rows])).to(device)
+        return out
+
 
 class DecodedImagesWriter:
     """Appends decoded (H, W, C) uint8 images to a raw file for :class:`DecodedImages`.
@@ -235,17 +245,25 @@ def _for_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def place(images: ImageSource, device: torch.device, *, max_share: float = 0.5) -> ImageSource:
-    """Where the images live while a job runs.  On CUDA an in-memory set that takes at most
-    ``max_share`` of the GPU's free memory moves there once (each batch is then an index, not a
-    copy); a larger one is pinned, so that batch copies are truly asynchronous.  Elsewhere, and
-    for streamed files, as it is.  The choice is logged."""
-    if device.type != "cuda" or not isinstance(images, torch.Tensor):
+    """Where the images live while a job runs.  On CUDA an in-memory set, or a file of decoded
+    images (:class:`DecodedImages`), that takes at most ``max_share`` of the GPU's free memory
+    moves there once (each batch is then an index, not a copy); a larger in-memory set is pinned,
+    so that batch copies are truly asynchronous, and a larger file stays streamed.  Elsewhere,
+    and for image files, as it is.  The choice is logged."""
+    if device.type != "cuda" or not isinstance(images, (torch.Tensor, DecodedImages)):
         return images
-    size = images.element_size() * images.numel()
+    if isinstance(images, DecodedImages):
+        size = len(images) * int(np.prod(images.shape[1:]))
+    else:
+        size = images.element_size() * images.numel()
     free, _ = torch.cuda.mem_get_info(device)
     if size <= max_share * free:
         logger.info("images resident on the GPU: %.0f MB of %.0f MB free", size / 2**20, free / 2**20)
-        return images.to(device)
+        return images.load(device) if isinstance(images, DecodedImages) else images.to(device)
+    if isinstance(images, DecodedImages):
+        logger.info("images streamed from %s: %.0f MB > %.0f%% of the GPU's %.0f MB free", images.path,
+                    size / 2**20, 100 * max_share, free / 2**20)
+        return images
     logger.info("images in pinned host memory: %.0f MB > %.0f%% of the GPU's %.0f MB free", size / 2**20,
                 100 * max_share, free / 2**20)
     return images.pin_memory()

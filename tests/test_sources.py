@@ -12,7 +12,7 @@ from PIL import Image
 
 from model.config import EngineConfig
 from model.engine import train_and_score
-from model.sources import DecodedImages, DecodedImagesWriter, FileImages, iterate_batches
+from model.sources import DecodedImages, DecodedImagesWriter, FileImages, iterate_batches, place
 from tests.test_coteaching import FAST, _toy_data
 
 
@@ -44,6 +44,10 @@ def test_decoded_images_read_back_as_the_files_decode_in_any_order_and_in_datalo
         got = [x for _, x in iterate_batches(part, batches, device=torch.device("cpu"), num_workers=workers)]
         want = [torch.stack([files[[7, 2, 5][int(i)]] for i in idx]).float() / 255 for idx in batches]
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+    # on a GPU the images move there once when they fit (model.sources.place); the copy, a chunk at a time:
+    loaded = part.load(torch.device("cpu"), chunk_bytes=2 * 3 * 9 * 9)
+    assert loaded.dtype == torch.uint8 and torch.equal(loaded, torch.stack([files[7], files[2], files[5]]))
+    assert place(part, torch.device("cpu")) is part                       # on the CPU it stays streamed
     with pytest.raises(ValueError, match="rows must lie in"):
         DecodedImages(decoded.path, shape=decoded.shape, rows=[12])
     with pytest.raises(ValueError, match="not the"):
