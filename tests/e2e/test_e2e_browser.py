@@ -301,6 +301,9 @@ def test_the_label_quality_report_opens_in_the_browser_with_its_plots_and_suspec
     assert len(shown) == 24 and shown == ranked[:24]
     assert all(f"/projects/{pid}/data?task=" in card.get_attribute("href") for card in cards)
     assert reviewer.driver.find_elements(By.CSS_SELECTOR, "#progress tr")        # one row per version
+    cells = reviewer.driver.find_elements(By.CSS_SELECTOR, "#progress td.trained")     # how each was trained
+    trained = [cell.text.splitlines()[0] for cell in cells]
+    assert "from scratch" in trained and set(trained) <= {"from scratch", "fine-tuned"}, trained
     reviewer.screenshot("label-quality-report")
 
 
